@@ -1,0 +1,94 @@
+"""Difference operators: how two models' outputs on the same input are compared.
+
+Each operator maps the outputs (a, b) of a batch to per-output values [batch, k] and reduces
+them to one number per sample, the quantity the search maximises and the certificate bounds.
+Registry: plain dict `DIFFERENCES` plus `register_difference`; CLI choices derive from it.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import DiffprobeError
+
+
+@dataclass(frozen=True)
+class Difference:
+    name: str
+    description: str
+    per_output: Callable  # (a, b) -> [batch, k]
+    reduce: Callable  # [batch, k] -> [batch]
+    certify: str  # how the certifier bounds it: "elementwise", "probability", "top1" or "" (not at all)
+
+    def __call__(self, a, b):
+        """The scalar disagreement per sample."""
+        return self.reduce(self.per_output(a, b))
+
+    def __repr__(self):
+        return f"Difference({self.name!r}: {self.description})"
+
+
+DIFFERENCES = {}
+
+
+def register_difference(difference):
+    DIFFERENCES[difference.name] = difference
+    return difference
+
+
+def get_difference(name_or_difference):
+    if isinstance(name_or_difference, Difference):
+        return name_or_difference
+    try:
+        return DIFFERENCES[name_or_difference]
+    except KeyError:
+        raise DiffprobeError(f"unknown difference '{name_or_difference}'; choose one of "
+                             f"{', '.join(DIFFERENCES)}") from None
+
+
+def _flat(t):
+    return t.reshape(t.shape[0], -1)
+
+
+def _abs_max(v):
+    return v.abs().amax(dim=1)
+
+
+def _log_probs(a, b):
+    return torch.log_softmax(_flat(a), dim=1), torch.log_softmax(_flat(b), dim=1)
+
+
+def _kl_terms(a, b):
+    la, lb = _log_probs(a, b)
+    return la.exp() * (la - lb)
+
+
+def _js_terms(a, b):
+    la, lb = _log_probs(a, b)
+    lm = torch.logsumexp(torch.stack([la, lb]), dim=0) - torch.log(torch.tensor(2.0, dtype=la.dtype))
+    return 0.5 * (la.exp() * (la - lm) + lb.exp() * (lb - lm))
+
+
+def _flip_margins(a, b):
+    """b_j - b_y for every j, where y is model_a's top label; the entry of y itself is -inf."""
+    a, b = _flat(a), _flat(b)
+    y = a.argmax(dim=1, keepdim=True)
+    margins = b - b.gather(1, y)
+    return margins.scatter(1, y, float("-inf"))
+
+
+register_difference(Difference(
+    "elementwise", "model_b(x) - model_a(x) per output; summary max |.| (VNN-COMP |Y_b - Y_a|)",
+    lambda a, b: _flat(b) - _flat(a), _abs_max, "elementwise"))
+register_difference(Difference(
+    "probability", "softmax(model_b(x)) - softmax(model_a(x)); summary max |.|",
+    lambda a, b: torch.softmax(_flat(b), 1) - torch.softmax(_flat(a), 1), _abs_max, "probability"))
+register_difference(Difference(
+    "kl", "KL(softmax(model_a(x)) || softmax(model_b(x)))",
+    _kl_terms, lambda v: v.sum(dim=1), ""))
+register_difference(Difference(
+    "js", "Jensen-Shannon divergence of the two softmax outputs",
+    _js_terms, lambda v: v.sum(dim=1), ""))
+register_difference(Difference(
+    "top1", "top-1 flip margin: max_j model_b_j - model_b_y with y = argmax model_a; > 0 means the labels differ",
+    _flip_margins, lambda v: v.amax(dim=1), "top1"))

@@ -1,0 +1,116 @@
+"""The composed graph: one module that feeds the same input to both models."""
+import torch
+from torch import nn
+
+from .errors import ShapeMismatchError, UnsupportedOperationError
+
+
+def _squeezed(shape):
+    return tuple(s for s in shape if s != 1)
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def fit_region(region, shape):
+    """The region laid out in the models' input shape (VNN-LIB boxes come flat, row-major)."""
+    if tuple(region.shape) == tuple(shape):
+        return region
+    if _numel(region.shape) != _numel(shape):
+        raise ShapeMismatchError(f"the region has shape {list(region.shape)} but the models take "
+                                 f"{list(shape)}; give a region over the models' inputs")
+    return region.reshape(shape)
+
+
+def input_shape_of(model):
+    """The shape of one input sample, from the loader or from the first layer."""
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return (module.in_features,)
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return None
+    return None
+
+
+def common_input_shape(model_a, model_b, region_shape=None):
+    """The per-sample input shape both models (and the region, if given) accept."""
+    shapes = [s for s in (input_shape_of(model_a), input_shape_of(model_b)) if s is not None]
+    if region_shape is not None and not (shapes and _numel(region_shape) == _numel(shapes[0])):
+        shapes.append(tuple(region_shape))
+    if not shapes:
+        raise ShapeMismatchError("cannot tell the models' input shape; give a region with a shape "
+                                 "(--center FILE or --vnnlib FILE)")
+    for s in shapes[1:]:
+        if _squeezed(s) != _squeezed(shapes[0]):
+            raise ShapeMismatchError(
+                f"input shapes differ: model_a takes {list(input_shape_of(model_a) or [])}, "
+                f"model_b takes {list(input_shape_of(model_b) or [])}, region is "
+                f"{list(region_shape or [])}; compare models with the same input")
+    return shapes[0]
+
+
+class Pair(nn.Module):
+    """Both models on one input; reshapes the input to each model's own layout."""
+
+    def __init__(self, model_a, model_b, input_shape):
+        super().__init__()
+        self.model_a, self.model_b = model_a, model_b
+        self.input_shape = tuple(input_shape)
+        self.shape_a = input_shape_of(model_a) or self.input_shape
+        self.shape_b = input_shape_of(model_b) or self.input_shape
+
+    def outputs(self, x):
+        n = x.shape[0]
+        a = self.model_a(x.reshape(n, *self.shape_a))
+        b = self.model_b(x.reshape(n, *self.shape_b))
+        if a.reshape(n, -1).shape != b.reshape(n, -1).shape:
+            raise ShapeMismatchError(f"output shapes differ: model_a gives {list(a.shape[1:])}, "
+                                     f"model_b gives {list(b.shape[1:])}; compare models with the same outputs")
+        return a.reshape(n, -1), b.reshape(n, -1)
+
+    def forward(self, x):
+        return self.outputs(x)
+
+
+class DifferenceGraph(nn.Module):
+    """x -> per-output difference, written with ops auto_LiRPA bounds (softmax as exp / sum)."""
+
+    def __init__(self, pair, kind):
+        super().__init__()
+        if kind not in ("elementwise", "probability", "stacked"):
+            raise UnsupportedOperationError([kind], what="the composed graph")
+        self.pair, self.kind = pair, kind
+
+    def forward(self, x):
+        a, b = self.pair.outputs(x)
+        if self.kind == "stacked":
+            return torch.cat([a, b], dim=1)
+        if self.kind == "probability":
+            a, b = _softmax(a), _softmax(b)
+        return b - a
+
+
+def _softmax(z):
+    # torch.softmax exports with a ReduceMax that auto_LiRPA 0.3 bounds only with IBP
+    e = torch.exp(z)
+    return e / e.sum(dim=1, keepdim=True)
+
+
+def compose(model_a, model_b, region=None):
+    """The `Pair` of two models, checked for matching input and output shapes."""
+    shape = common_input_shape(model_a, model_b, None if region is None else region.shape)
+    pair = Pair(model_a, model_b, shape).eval()
+    with torch.no_grad():
+        probe = torch.zeros(1, *shape, dtype=next(model_a.parameters()).dtype)
+        try:
+            pair.outputs(probe)
+        except RuntimeError as exc:
+            raise ShapeMismatchError(f"the models do not accept inputs of shape {list(shape)}: {exc}") from exc
+    return pair

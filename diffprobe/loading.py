@@ -1,0 +1,194 @@
+"""Load a model from a file, the format told by the file's content rather than its extension.
+
+Safe by default: state_dicts load with `weights_only=True`; anything that can run code when
+loaded (a pickled module, a torch.export `.pt2`) needs `trust=True`.
+"""
+import hashlib
+import importlib
+import importlib.util
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, UnsafeCheckpointError
+
+_PREFIXES = ("model.", "module.", "net.", "network.", "_orig_mod.")
+
+
+def sniff_format(path):
+    """'onnx', 'nnet', 'safetensors', 'torch' (torch.save zip or legacy pickle) or 'pt2'."""
+    path = Path(path)
+    try:
+        head = path.open("rb").read(4096)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not head:
+        raise CheckpointError(f"{path} is empty")
+    if head.startswith(b"PK\x03\x04"):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n.endswith("archive_format") or "/models/" in n for n in names):
+            return "pt2"
+        return "torch"
+    if head[:1] == b"\x80":
+        return "torch"
+    if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return "safetensors"
+    text = head.decode("ascii", errors="replace")
+    lines = [l for l in text.splitlines() if l.strip() and not l.lstrip().startswith("//")]
+    if lines and all(p.strip().lstrip("-").isdigit() for p in lines[0].split(",") if p.strip()):
+        return "nnet"
+    if head[:1] == b"\x08":
+        return "onnx"
+    raise CheckpointError(
+        f"{path}: unknown model format; diffprobe reads ONNX, NNet, safetensors, torch state_dicts "
+        "(with --arch), and with --trust pickled modules and torch.export .pt2 files")
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_model(path, *, arch=None, arch_kwargs=None, trust=False, normalize=False):
+    """The nn.Module stored in `path`, in eval mode, float32, weights checked for NaN/inf.
+
+    `arch` ("pkg.module:factory" or "path/file.py:factory") builds the architecture for a
+    state_dict or safetensors file; `normalize` applies an NNet file's input/output scaling.
+    """
+    kind = sniff_format(path)
+    if kind == "onnx":
+        model = _load_onnx(path)
+    elif kind == "nnet":
+        from .nnet import read_nnet
+        model = read_nnet(path, normalize=normalize)
+    elif kind == "pt2":
+        model = _load_pt2(path, trust)
+    else:
+        model = _load_weights(path, kind, arch, arch_kwargs, trust)
+    model = model.float().eval()
+    check_finite(model, path)
+    return model
+
+
+def check_finite(model, name="model"):
+    bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{name}: NaN or infinite values in {', '.join(bad)}; the checkpoint is corrupt")
+
+
+def _load_onnx(path):
+    try:
+        import onnx
+    except ImportError as exc:
+        raise CheckpointError("reading ONNX needs the onnx package: pip install 'diffprobe[onnx]'") from exc
+    from .onnx_import import onnx_to_torch
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise CheckpointError(f"{path}: not a readable ONNX file ({exc})") from exc
+    return onnx_to_torch(proto)
+
+
+def _load_pt2(path, trust):
+    if not trust:
+        raise UnsafeCheckpointError(
+            f"{path} is a torch.export archive, and loading one can run arbitrary code "
+            "(torch.export.load falls back to unrestricted unpickling); pass --trust (trust=True) "
+            "only if you trust its source, or save a state_dict / ONNX instead")
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as exc:
+        raise CheckpointError(f"{path}: torch.export.load failed ({exc})") from exc
+
+
+def _load_weights(path, kind, arch, arch_kwargs, trust):
+    obj = _read_safetensors(path) if kind == "safetensors" else _read_torch(path, trust)
+    if isinstance(obj, nn.Module):
+        return obj
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, neither a module nor a state_dict")
+    if arch is None:
+        raise CheckpointError(
+            f"{path} holds only weights (a state_dict); give the architecture with "
+            "--arch module:factory or --arch path/to/file.py:factory")
+    model = build_arch(arch, arch_kwargs)
+    _load_state(model, _state_dict_of(obj), path)
+    return model
+
+
+def _read_safetensors(path):
+    try:
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise CheckpointError("reading safetensors needs: pip install safetensors") from exc
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _read_torch(path, trust):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust:
+            raise UnsafeCheckpointError(
+                f"{path} holds pickled Python objects beyond tensors (e.g. a whole module), which can "
+                "run arbitrary code when loaded; pass --trust (trust=True) only if you trust its "
+                "source, or save model.state_dict() instead") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: loading the trusted pickle failed ({exc})") from exc
+
+
+def _state_dict_of(obj):
+    """The tensors of a checkpoint; Lightning and training-loop dicts nest them one level down."""
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def _load_state(model, state, path):
+    expected = set(model.state_dict())
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("",) + _PREFIXES:
+        stripped = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        if set(stripped) == expected:
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in stripped.items()})
+            return
+    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    raise CheckpointError(
+        f"{path} does not fit the architecture: missing {missing[:5]}, unexpected {extra[:5]}; "
+        "check --arch and its kwargs")
+
+
+def build_arch(spec, kwargs=None):
+    """Call the factory named by 'pkg.module:factory' or 'path/file.py:factory'."""
+    if ":" not in spec:
+        raise CheckpointError(f"--arch '{spec}' must look like module:factory or path/file.py:factory")
+    where, name = spec.rsplit(":", 1)
+    try:
+        if where.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+        factory = getattr(module, name)
+    except (ImportError, FileNotFoundError, AttributeError) as exc:
+        raise CheckpointError(f"--arch '{spec}': cannot find the factory ({exc})") from exc
+    if isinstance(kwargs, str):
+        kwargs = json.loads(kwargs)
+    model = factory(**(kwargs or {}))
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"--arch '{spec}' returned a {type(model).__name__}, not an nn.Module")
+    return model

@@ -1,0 +1,256 @@
+"""Input regions: boxes and Lp balls (clipped to a valid input box) as small frozen value types.
+
+A region is shared by both halves of diffprobe: the search projects onto it and samples from it,
+the certifier asks it for its bounding box and its perturbation, so the two never disagree about
+what the region is. Shapes are per sample (no batch dimension); methods take batched tensors.
+"""
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import RegionError
+
+_INF = float("inf")
+
+
+def _as_tensor(v, like=None):
+    t = torch.as_tensor(v, dtype=torch.float64)
+    return t.expand_as(like).clone() if like is not None and t.dim() == 0 else t
+
+
+@dataclass(frozen=True, eq=False)
+class Box:
+    """All x with lower <= x <= upper elementwise."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+    def __post_init__(self):
+        lo, hi = _as_tensor(self.lower), _as_tensor(self.upper)
+        lo, hi = torch.broadcast_tensors(lo, hi)
+        if torch.isnan(lo).any() or torch.isnan(hi).any():
+            raise RegionError("region bounds contain NaN")
+        if (lo > hi).any():
+            k = int((lo > hi).reshape(-1).nonzero()[0])
+            raise RegionError(f"region is empty: lower > upper at input {k} "
+                              f"({lo.reshape(-1)[k].item():g} > {hi.reshape(-1)[k].item():g})")
+        object.__setattr__(self, "lower", lo.clone())
+        object.__setattr__(self, "upper", hi.clone())
+
+    norm = _INF
+
+    @property
+    def shape(self):
+        return tuple(self.lower.shape)
+
+    @property
+    def center(self):
+        return (self.lower + self.upper) / 2
+
+    def bounding_box(self):
+        return self.lower, self.upper
+
+    def contains(self, x, tol=1e-6):
+        """Per-sample booleans for a batch x of shape [batch, *shape]."""
+        lo, hi = self.lower.to(x), self.upper.to(x)
+        return ((x >= lo - tol) & (x <= hi + tol)).reshape(x.shape[0], -1).all(1)
+
+    def project(self, x):
+        return torch.maximum(torch.minimum(x, self.upper.to(x)), self.lower.to(x))
+
+    def sample(self, n, generator=None):
+        u = torch.rand((n, *self.shape), generator=generator, dtype=torch.float64)
+        return self.lower + u * (self.upper - self.lower)
+
+    def corners(self, n, generator=None):
+        """n random vertices of the box (the search starts some restarts there)."""
+        bits = torch.rand((n, *self.shape), generator=generator, dtype=torch.float64) < 0.5
+        return torch.where(bits, self.upper, self.lower)
+
+    def reshape(self, shape):
+        return Box(self.lower.reshape(shape), self.upper.reshape(shape))
+
+    def split(self, dim):
+        """The two halves of the box cut across flattened input dimension `dim`."""
+        mid = self.center.reshape(-1)[dim]
+        lo_hi, hi_lo = self.upper.clone().reshape(-1), self.lower.clone().reshape(-1)
+        lo_hi[dim], hi_lo[dim] = mid, mid
+        return (Box(self.lower, lo_hi.reshape(self.shape)), Box(hi_lo.reshape(self.shape), self.upper))
+
+    def describe(self):
+        width = (self.upper - self.lower).max().item()
+        return f"box over {list(self.shape)} inputs, widest side {width:.4g}"
+
+    def to_dict(self):
+        return {"type": "box", "lower": self.lower.reshape(-1).tolist(),
+                "upper": self.upper.reshape(-1).tolist(), "shape": list(self.shape)}
+
+    def __repr__(self):
+        return f"Box({self.describe()})"
+
+
+def _clip_box(center, clip):
+    if clip is None:
+        return torch.full_like(center, -_INF), torch.full_like(center, _INF)
+    lo, hi = clip
+    return _as_tensor(lo, center), _as_tensor(hi, center)
+
+
+def _check_ball(center, eps, clip):
+    if not math.isfinite(eps) or eps < 0:
+        raise RegionError(f"eps must be a finite number >= 0, got {eps}; pass e.g. --eps 0.01")
+    lo, hi = _clip_box(center, clip)
+    if (lo > hi).any():
+        raise RegionError("clip range is empty: LO > HI")
+    if ((center < lo) | (center > hi)).any():
+        raise RegionError("the center lies outside the --clip range; clip the center first or widen --clip")
+
+
+@dataclass(frozen=True, eq=False)
+class LinfBall(Box):
+    """{x : |x - center|_inf <= eps} intersected with the clip box; a box in disguise."""
+
+    def __init__(self, center, eps, clip=None):
+        center = _as_tensor(center)
+        _check_ball(center, float(eps), clip)
+        lo, hi = _clip_box(center, clip)
+        object.__setattr__(self, "ball_center", center)
+        object.__setattr__(self, "eps", float(eps))
+        object.__setattr__(self, "clip", None if clip is None else tuple(float(c) for c in clip))
+        super().__init__(torch.maximum(center - eps, lo), torch.minimum(center + eps, hi))
+
+    def describe(self):
+        clip = f", clipped to {list(self.clip)}" if self.clip else ""
+        return f"L-inf ball of radius {self.eps:g} over {list(self.shape)} inputs{clip}"
+
+    def to_dict(self):
+        return {**super().to_dict(), "type": "linf", "eps": self.eps, "clip": self.clip,
+                "center": self.ball_center.reshape(-1).tolist()}
+
+    def __repr__(self):
+        return f"LinfBall({self.describe()})"
+
+
+@dataclass(frozen=True, eq=False)
+class L2Ball:
+    """{x : |x - center|_2 <= eps} intersected with the clip box."""
+
+    center: torch.Tensor
+    eps: float
+    clip: tuple = None
+
+    norm = 2.0
+
+    def __post_init__(self):
+        center = _as_tensor(self.center)
+        _check_ball(center, float(self.eps), self.clip)
+        object.__setattr__(self, "center", center)
+        object.__setattr__(self, "eps", float(self.eps))
+        if self.clip is not None:
+            object.__setattr__(self, "clip", tuple(float(c) for c in self.clip))
+
+    @property
+    def shape(self):
+        return tuple(self.center.shape)
+
+    def bounding_box(self):
+        lo, hi = _clip_box(self.center, self.clip)
+        return torch.maximum(self.center - self.eps, lo), torch.minimum(self.center + self.eps, hi)
+
+    def contains(self, x, tol=1e-6):
+        lo, hi = (t.to(x) for t in self.bounding_box())
+        dist = (x - self.center.to(x)).reshape(x.shape[0], -1).norm(dim=1)
+        inside = ((x >= lo - tol) & (x <= hi + tol)).reshape(x.shape[0], -1).all(1)
+        return inside & (dist <= self.eps * (1 + 1e-9) + tol)
+
+    def project(self, x, iterations=60):
+        """Exact Euclidean projection onto ball ∩ box: clip((x + λc) / (1 + λ)) with λ >= 0
+        found by bisection, since the clip keeps the distance to c monotone in λ."""
+        c = self.center.to(x)
+        lo, hi = (t.to(x) for t in _clip_box(self.center, self.clip))
+        flat = lambda t: t.reshape(t.shape[0], -1)
+        point = lambda lam: torch.clamp((x + lam * c) / (1 + lam), lo, hi)
+        dist = lambda lam: flat(point(lam) - c).norm(dim=1).reshape(-1, *[1] * (x.dim() - 1))
+        lam_lo = torch.zeros_like(dist(torch.zeros(1, dtype=x.dtype)))
+        if bool((dist(lam_lo) <= self.eps).all()):
+            return point(lam_lo)
+        lam_hi = torch.ones_like(lam_lo)
+        while bool((dist(lam_hi) > self.eps).any()) and float(lam_hi.max()) < 1e30:
+            lam_hi = torch.where(dist(lam_hi) > self.eps, lam_hi * 4, lam_hi)
+        for _ in range(iterations):
+            mid = (lam_lo + lam_hi) / 2
+            too_far = dist(mid) > self.eps
+            lam_lo, lam_hi = torch.where(too_far, mid, lam_lo), torch.where(too_far, lam_hi, mid)
+        return point(lam_hi)
+
+    def sample(self, n, generator=None):
+        """Uniform in the ball, then clipped (clipping towards a box that holds the centre
+        only shortens every coordinate's distance to it, so samples stay in the ball)."""
+        d = self.center.numel()
+        direction = torch.randn((n, d), generator=generator, dtype=torch.float64)
+        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        radius = self.eps * torch.rand((n, 1), generator=generator, dtype=torch.float64) ** (1 / d)
+        x = (self.center.reshape(1, -1) + radius * direction).reshape(n, *self.shape)
+        lo, hi = _clip_box(self.center, self.clip)
+        return torch.clamp(x, lo, hi)
+
+    def corners(self, n, generator=None):
+        """Points on the sphere, projected into the clip box."""
+        d = self.center.numel()
+        direction = torch.randn((n, d), generator=generator, dtype=torch.float64)
+        direction = self.eps * direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        return self.project((self.center.reshape(1, -1) + direction).reshape(n, *self.shape))
+
+    def reshape(self, shape):
+        return L2Ball(self.center.reshape(shape), self.eps, self.clip)
+
+    def describe(self):
+        clip = f", clipped to {list(self.clip)}" if self.clip else ""
+        return f"L2 ball of radius {self.eps:g} over {list(self.shape)} inputs{clip}"
+
+    def to_dict(self):
+        return {"type": "l2", "center": self.center.reshape(-1).tolist(), "eps": self.eps,
+                "clip": self.clip, "shape": list(self.shape)}
+
+    def __repr__(self):
+        return f"L2Ball({self.describe()})"
+
+
+def ball(center, eps, norm="inf", clip=None):
+    """An L-inf or L2 ball; `norm` is 'inf' or '2'."""
+    norm = str(norm).lower()
+    if norm in ("inf", "linf"):
+        return LinfBall(center, eps, clip)
+    if norm in ("2", "l2"):
+        return L2Ball(center, eps, clip)
+    raise RegionError(f"unknown norm '{norm}'; use inf or 2")
+
+
+_BOUND = re.compile(r"\(\s*assert\s*\(\s*(<=|>=)\s+(\S+)\s+(\S+?)\s*\)\s*\)")
+
+
+def box_from_vnnlib(path):
+    """The input box of a VNN-LIB property: every X_i needs a lower and an upper bound."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise RegionError(f"cannot read VNN-LIB file {path}: {exc.strerror or exc}") from exc
+    text = re.sub(r";[^\n]*", "", text)
+    n = len(re.findall(r"declare-const\s+X_\d+", text))
+    if n == 0:
+        raise RegionError(f"{path} declares no input X_i; is it a VNN-LIB property?")
+    lo, hi = torch.full((n,), -_INF, dtype=torch.float64), torch.full((n,), _INF, dtype=torch.float64)
+    for op, left, right in _BOUND.findall(text):
+        var, value, flipped = (left, right, False) if left.startswith("X_") else (right, left, True)
+        if not var.startswith("X_"):
+            continue
+        i, v = int(var[2:]), float(value)
+        upper = (op == "<=") != flipped
+        lo[i], hi[i] = (lo[i], min(hi[i].item(), v)) if upper else (max(lo[i].item(), v), hi[i])
+    unbounded = [i for i in range(n) if not (math.isfinite(lo[i]) and math.isfinite(hi[i]))]
+    if unbounded:
+        raise RegionError(f"{path}: inputs {unbounded[:10]} lack a lower or upper bound")
+    return Box(lo, hi)
