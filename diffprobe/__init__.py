@@ -1,0 +1,28 @@
+"""diffprobe: how differently can two neural networks behave?
+
+Search finds a witness (a lower bound on the worst-case difference); certify bounds the
+difference over a whole input region (an upper bound). Both take the same few plain types.
+"""
+__version__ = "0.1.0"
+
+from .differences import DIFFERENCES, Difference, get_difference, register_difference
+from .errors import (CheckpointError, DataError, DiffprobeError, RegionError, ShapeMismatchError,
+                     UnsafeCheckpointError, UnsupportedOperationError)
+from .graph import compose
+from .loading import load_model
+from .regions import L2Ball, LinfBall, Box, ball, box_from_vnnlib
+from .results import Certificate, SearchResult, Verdict
+from .search import search
+
+
+def certify(*args, **kwargs):
+    """See `diffprobe.certify.certify` (imported lazily: it needs auto_LiRPA)."""
+    from .certify import certify as _certify
+    return _certify(*args, **kwargs)
+
+
+__all__ = ["search", "certify", "compose", "load_model", "Box", "LinfBall", "L2Ball", "ball",
+           "box_from_vnnlib", "Difference", "DIFFERENCES", "get_difference", "register_difference",
+           "SearchResult", "Certificate", "Verdict", "DiffprobeError", "CheckpointError",
+           "UnsafeCheckpointError", "ShapeMismatchError", "RegionError", "UnsupportedOperationError",
+           "DataError"]

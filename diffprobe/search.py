@@ -1,0 +1,244 @@
+"""Disagreement search: APGD-style input optimisation for the input where two models differ most.
+
+The schedule follows AutoAttack's APGD (Croce & Hein 2020): momentum 0.75, a first step of twice
+the radius, the step halved at checkpoints (the first at 22 % of the budget, then shrinking by 3 %
+to a 6 % floor) when at most 75 % of the recent steps improved or nothing improved since the last
+halving, restarting from the best point; exact projection onto the region (ball ∩ box).
+Restarts run batched. A gradient-free random search takes over when the gradients are zero.
+"""
+import copy
+import time
+import warnings
+
+import torch
+
+from .differences import get_difference
+from .errors import RegionError
+from .graph import compose, fit_region
+from .results import SearchResult, provenance
+
+
+def _checkpoints(steps):
+    p, prev, points = 0.22, 0.0, []
+    while p < 1:
+        points.append(int(round(p * steps)))
+        p, prev = p + max(p - prev - 0.03, 0.06), p
+    return set(points)
+
+
+def _direction(grad, region):
+    """The steepest-ascent step of unit size for the region's norm."""
+    if region.norm == 2.0:
+        flat = grad.reshape(grad.shape[0], -1)
+        return grad / flat.norm(dim=1).clamp_min(1e-30).reshape(-1, *[1] * (grad.dim() - 1))
+    return grad.sign()
+
+
+def _step_scale(region, dtype):
+    if region.norm == 2.0:
+        return torch.tensor(region.eps, dtype=dtype)
+    lo, hi = region.bounding_box()
+    return ((hi - lo) / 2).to(dtype)
+
+
+def starting_points(region, n, generator, starts=None):
+    """The region centre, points on the surface or corners, random points, and given `starts`."""
+    center = (region.center if hasattr(region, "center") else None).unsqueeze(0)
+    given = region.project(starts.to(torch.float64).reshape(-1, *region.shape)) if starts is not None else center[:0]
+    rest = max(n - 1 - len(given), 0)
+    return torch.cat([center, given, region.corners(rest // 3, generator),
+                      region.sample(rest - rest // 3, generator)])[:max(n, 1)]
+
+
+class _Evaluator:
+    """Disagreement of a batch, counting every point evaluated.
+
+    For max-|.| summaries each restart may ascend one signed output (`target`), a smooth piece
+    of the non-smooth maximum; the value tracked is always the full difference.
+    """
+
+    def __init__(self, pair, difference):
+        self.pair, self.difference, self.count = pair, difference, 0
+        self.target = None
+
+    def __call__(self, x):
+        self.count += x.shape[0]
+        return self.difference(*self.pair.outputs(x))
+
+    def aim(self, x):
+        """Fix each restart's target: the output and sign of its largest |difference| at x."""
+        if self.difference.reduce.__name__ != "_abs_max":
+            return
+        with torch.no_grad():
+            per_output = self.difference.per_output(*self.pair.outputs(x))
+        k = per_output.abs().argmax(dim=1)
+        self.target = (k, per_output.gather(1, k[:, None]).sign().squeeze(1))
+
+    def value_and_grad(self, x):
+        x = x.detach().requires_grad_(True)
+        self.count += x.shape[0]
+        per_output = self.difference.per_output(*self.pair.outputs(x))
+        values = self.difference.reduce(per_output)
+        if self.target is None:
+            objective = values
+        else:
+            k, sign = self.target
+            objective = per_output.gather(1, k[:, None]).squeeze(1) * sign
+        grad, = torch.autograd.grad(objective.sum(), x)
+        return values.detach(), grad
+
+    def screen(self, region, n, keep, generator, batch=4096):
+        """The `keep` best of n random points (forward passes only)."""
+        points, values = [], []
+        with torch.no_grad():
+            for start in range(0, n, batch):
+                x = region.sample(min(batch, n - start), generator)
+                points.append(x)
+                values.append(self(x))
+        points, values = torch.cat(points), torch.cat(values)
+        return points[values.argsort(descending=True)[:keep]]
+
+
+def _apgd(evaluate, region, x0, steps, threshold, progress):
+    """Batched APGD; returns best points, best values and the trace of the overall best."""
+    dtype = x0.dtype
+    scale = _step_scale(region, dtype)
+    eta = torch.full((x0.shape[0],) + (1,) * (x0.dim() - 1), 2.0, dtype=dtype)
+    x = x0.clone()
+    value, grad = evaluate.value_and_grad(x)
+    best_x, best = x.clone(), value.clone()
+    x_prev, trace = x.clone(), [best.max().item()]
+    checkpoints, last_cp, improved = _checkpoints(steps), 0, torch.zeros_like(best)
+    best_at_cp, eta_at_cp = best.clone(), eta.clone()
+    zero_grad = bool((grad == 0).all())
+    for step in range(1, steps + 1):
+        z = region.project(x + eta * scale * _direction(grad, region))
+        alpha = 0.75 if step > 1 else 1.0
+        x_new = region.project(x + alpha * (z - x) + (1 - alpha) * (x - x_prev))
+        x_prev = x
+        value, grad = evaluate.value_and_grad(x_new)
+        better = value > best
+        improved += better.to(dtype)
+        best = torch.where(better, value, best)
+        best_x[better] = x_new[better].detach()
+        x = x_new.detach()
+        trace.append(best.max().item())
+        progress(1)
+        if threshold is not None and trace[-1] > threshold:
+            break
+        if step in checkpoints:
+            too_few = improved <= 0.75 * (step - last_cp)
+            stalled = (eta.reshape(-1) == eta_at_cp.reshape(-1)) & (best <= best_at_cp)
+            halve = (too_few | stalled).reshape(eta.shape)
+            eta_at_cp, best_at_cp = eta.clone(), best.clone()
+            eta = torch.where(halve, eta / 2, eta)
+            x = torch.where(halve, best_x, x)
+            if bool(halve.any()):
+                value, grad = evaluate.value_and_grad(x)
+            improved.zero_()
+            last_cp = step
+    return best_x, best, trace, zero_grad
+
+
+def _random_search(evaluate, region, best_x, best, budget, generator, progress, batch=64):
+    """Gradient-free: mutate the best point with shrinking noise, keep what improves (Square/DFlare
+    spirit); also useful to notice gradient masking."""
+    lo, hi = region.bounding_box()
+    trace, radius, spent = [], 0.5, 0
+    x_best, v_best = best_x[best.argmax()].unsqueeze(0), best.max()
+    while spent < budget:
+        n = min(batch, budget - spent)
+        noise = (torch.rand((n, *region.shape), generator=generator, dtype=torch.float64) * 2 - 1)
+        cand = region.project(x_best + radius * (hi - lo) * noise)
+        with torch.no_grad():
+            values = evaluate(cand.to(x_best.dtype))
+        spent += n
+        if values.max() > v_best:
+            v_best, x_best = values.max(), cand[values.argmax()].unsqueeze(0).to(x_best.dtype)
+        else:
+            radius = max(radius * 0.7, 1e-4)
+        trace.append(v_best.item())
+        progress(1)
+    return x_best, v_best, trace
+
+
+def search(model_a, model_b, region, *, difference="elementwise", steps=100, restarts=8, seed=0,
+           threshold=None, starts=None, random_fraction=0.1, screen_fraction=0.2, progress=False):
+    """The input in `region` where model_a and model_b disagree most (by `difference`).
+
+    Returns a `SearchResult` whose witness is re-evaluated on the real models in float64 and lies
+    inside the region. `threshold` stops early once exceeded (falsification); `starts` adds
+    starting points (e.g. data points); `screen_fraction` of the budget screens random points
+    for good starts and `random_fraction` goes to a gradient-free search afterwards, which takes
+    the whole budget when the models' gradients are zero.
+    """
+    t0 = time.perf_counter()
+    if steps < 1 or restarts < 1:
+        raise RegionError(f"steps and restarts must be >= 1 (got {steps}, {restarts})")
+    diff = get_difference(difference)
+    pair = compose(model_a, model_b, region)
+    region = fit_region(region, pair.input_shape)
+    pair64 = copy.deepcopy(pair).double()
+    evaluate = _Evaluator(pair64, diff)
+    generator = torch.Generator().manual_seed(seed)
+    screened = evaluate.screen(region, int(screen_fraction * steps * restarts), restarts // 2, generator)
+    starts = screened if starts is None else torch.cat([starts.reshape(-1, *region.shape).double(), screened])
+    x0 = starting_points(region, restarts, generator, starts)
+    evaluate.aim(x0)
+    notes = []
+    with _progress(progress, steps) as bar:
+        try:
+            best_x, best, trace, zero_grad = _apgd(evaluate, region, x0, steps, threshold, bar.update)
+            budget = int(random_fraction * steps * restarts) if not zero_grad else steps * restarts
+            if zero_grad:
+                notes.append("gradients were zero at every start; used gradient-free search")
+            if budget and (threshold is None or max(trace) <= threshold):
+                rx, rv, rtrace = _random_search(evaluate, region, best_x, best, budget, generator, lambda k: None)
+                if rv > best.max() + 1e-12 * max(1.0, abs(best.max().item())) and not zero_grad:
+                    msg = (f"gradient-free search beat the gradient search ({rv.item():.4g} > "
+                           f"{best.max().item():.4g}): gradients may be masked (rounded or quantised model)")
+                    notes.append(msg)
+                    warnings.warn(msg, stacklevel=2)
+                best_x, best = torch.cat([best_x, rx]), torch.cat([best, rv.reshape(1)])
+                trace += [max(trace[-1], v) for v in rtrace]
+        except KeyboardInterrupt:
+            notes.append("interrupted: the best point so far is reported")
+            best_x, best = x0, torch.full((x0.shape[0],), float("-inf"), dtype=torch.float64)
+    return _witness_result(pair64, diff, region, best_x[best.argmax()], evaluate.count, seed,
+                           trace, time.perf_counter() - t0, notes)
+
+
+def _witness_result(pair64, diff, region, x, count, seed, trace, seconds, notes):
+    """Re-check the witness on the real models (float64) inside the region."""
+    x = region.project(x.detach().to(torch.float64).unsqueeze(0))
+    assert bool(region.contains(x, tol=0)), "projection left the region"
+    with torch.no_grad():
+        a, b = pair64.outputs(x)
+        found = diff(a, b).item()
+    return SearchResult(
+        difference=diff.name, found=found, x=x.reshape(-1).tolist(), input_shape=list(region.shape),
+        output_a=a.reshape(-1).tolist(), output_b=b.reshape(-1).tolist(), evaluations=count,
+        seed=seed, trace=trace, seconds=seconds, region=region.to_dict(), warnings=notes,
+        provenance=provenance(seed))
+
+
+class _progress:
+    """A tqdm bar on stderr when enabled, else a no-op with the same interface."""
+
+    def __init__(self, enabled, total, desc="search"):
+        self.enabled, self.total, self.desc = enabled, total, desc
+
+    def __enter__(self):
+        if self.enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc=self.desc, leave=False)
+        return self
+
+    def update(self, n=1):
+        if self.enabled:
+            self.bar.update(n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.close()
+        return False
