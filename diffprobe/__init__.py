@@ -13,12 +13,7 @@ from .loading import load_model
 from .regions import L2Ball, LinfBall, Box, ball, box_from_vnnlib
 from .results import Certificate, SearchResult, Verdict
 from .search import search
-
-
-def certify(*args, **kwargs):
-    """See `diffprobe.certify.certify` (imported lazily: it needs auto_LiRPA)."""
-    from .certify import certify as _certify
-    return _certify(*args, **kwargs)
+from .certification import certify
 
 
 __all__ = ["search", "certify", "compose", "load_model", "Box", "LinfBall", "L2Ball", "ball",

@@ -10,7 +10,6 @@ import functools
 import sys
 import types
 
-import numpy as np
 import torch
 
 from .errors import DiffprobeError
@@ -51,6 +50,7 @@ def _opset_globals():
 
 
 def _patch_numpy():
+    import numpy as np
     try:
         import numpy.lib.arraysetops  # noqa: F401
     except ImportError:  # numpy 2 removed the module; auto_LiRPA imports `isin` from it, unused

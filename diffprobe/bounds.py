@@ -1,0 +1,117 @@
+"""Bound methods over the composed difference graph: a registry of plain functions.
+
+Each method takes a `Problem` and a batch of input boxes (or the region itself for L2 balls)
+and returns sound lower/upper bounds on every spec row. auto_LiRPA's option dicts are spelled
+here and nowhere else.
+"""
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UnsupportedOperationError
+from .graph import DifferenceGraph
+from .lirpa_compat import import_auto_lirpa, traced
+
+BOUND_OPTS = {
+    "sparse_intermediate_bounds": False, "sparse_conv_intermediate_bounds": False,
+    "sparse_features_alpha": False, "sparse_spec_alpha": False,
+    "conv_mode": "matrix",  # 0.3's patches mode crashes alpha-CROWN on MaxPool
+    "optimize_bound_args": {"iteration": 20, "lr_alpha": 0.5, "enable_beta_crown": False},
+}
+
+METHODS = {}
+
+
+def register_method(name):
+    def wrap(fn):
+        METHODS[name] = fn
+        return fn
+    return wrap
+
+
+@dataclass
+class Problem:
+    """What is bounded: the float64 graph, its auto_LiRPA module, the spec matrix, the dtype."""
+
+    graph: DifferenceGraph
+    module: object
+    spec: torch.Tensor  # [rows, graph outputs] or None for the outputs themselves
+    dtype: torch.dtype = torch.float64
+
+
+class _UnsupportedCollector(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.ops = []
+
+    def emit(self, record):
+        if record.msg.startswith("The node has an unsupported operation") and record.args:
+            self.ops.append(getattr(record.args[0], "op", str(record.args[0])))
+
+
+@contextlib.contextmanager
+def _quiet_lirpa_logger():
+    logger = logging.getLogger("auto_LiRPA.utils")
+    collector, old = _UnsupportedCollector(), (logger.propagate, logger.handlers[:])
+    logger.handlers, logger.propagate = [collector], False
+    try:
+        yield collector
+    finally:
+        logger.propagate, logger.handlers = old
+
+
+def build_problem(graph, input_shape, spec=None, dtype=torch.float64):
+    """Trace `graph` with auto_LiRPA; an unboundable op gives one error listing all of them."""
+    lirpa = import_auto_lirpa()
+    graph = graph.to(dtype).eval()
+    with traced(dtype), _quiet_lirpa_logger() as collector, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript tracer warnings about shape checks
+        try:
+            module = lirpa.BoundedModule(graph, torch.zeros(1, *input_shape, dtype=dtype),
+                                         bound_opts=BOUND_OPTS, verbose=False)
+        except NotImplementedError as exc:
+            ops = [op.replace("onnx::", "") for op in collector.ops] or [str(exc)]
+            raise UnsupportedOperationError(
+                ops, what="auto_LiRPA", hint="replace these layers or use --method differential/search only") from exc
+    return Problem(graph, module, spec, dtype)
+
+
+def _bounded_input(region, lo, hi):
+    lirpa = import_auto_lirpa()
+    if region.norm == 2.0:
+        center = region.center.unsqueeze(0).to(lo.dtype)
+        return lirpa.BoundedTensor(center, lirpa.PerturbationLpNorm(norm=2, eps=region.eps))
+    return lirpa.BoundedTensor((lo + hi) / 2, lirpa.PerturbationLpNorm(norm=float("inf"), x_L=lo, x_U=hi))
+
+
+def _lirpa_bounds(problem, region, lo, hi, method):
+    x = _bounded_input(region, lo.to(problem.dtype), hi.to(problem.dtype))
+    spec = None
+    if problem.spec is not None:
+        spec = problem.spec.to(problem.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+    with traced(problem.dtype), _quiet_lirpa_logger():
+        try:
+            lower, upper = problem.module.compute_bounds(x=(x,), C=spec, method=method)
+        except (NotImplementedError, AssertionError, RuntimeError) as exc:
+            raise UnsupportedOperationError([type(exc).__name__ + ": " + str(exc)[:200]],
+                                            what=f"auto_LiRPA {method} on this graph",
+                                            hint="try --method ibp or crown") from exc
+    return lower.detach(), upper.detach()
+
+
+@register_method("ibp")
+def ibp(problem, region, lo, hi):
+    return _lirpa_bounds(problem, region, lo, hi, "IBP")
+
+
+@register_method("crown")
+def crown(problem, region, lo, hi):
+    return _lirpa_bounds(problem, region, lo, hi, "backward")
+
+
+@register_method("alpha-crown")
+def alpha_crown(problem, region, lo, hi):
+    return _lirpa_bounds(problem, region, lo, hi, "CROWN-Optimized")

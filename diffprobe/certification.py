@@ -1,0 +1,209 @@
+"""Certified bounds on how much two models can differ over a region, with input-split
+branch-and-bound that tightens the bound while a search raises the witness below it."""
+import copy
+import time
+
+import torch
+
+from .bounds import METHODS, build_problem
+from .differences import get_difference
+from .errors import DiffprobeError, UnsupportedOperationError
+from .graph import DifferenceGraph, compose, fit_region
+from .results import Certificate, Verdict, provenance
+from .search import _progress, search
+
+_INF = float("inf")
+
+
+class _Spec:
+    """How a difference is bounded: the graph kind, the spec rows, and the scalar summary."""
+
+    def __init__(self, difference, pair, region):
+        self.kind = difference.certify
+        if not self.kind:
+            raise UnsupportedOperationError(
+                [difference.name], what="certification",
+                hint="it is not certifiable with bound propagation; certify 'elementwise' or "
+                     "'probability' instead, or use search for a lower bound")
+        self.graph_kind, self.rows, self.label = self.kind, None, None
+        if self.kind == "top1":
+            self._top1_rows(pair, region)
+
+    def _top1_rows(self, pair, region):
+        with torch.no_grad():
+            a, _ = pair.outputs(region.center.unsqueeze(0).to(next(pair.parameters()).dtype))
+        k, y = a.shape[1], int(a.argmax())
+        eye = torch.eye(k, dtype=torch.float64)
+        keep = [j for j in range(k) if j != y]
+        margins = eye[keep] - eye[y]  # m_j - m_y for j != y
+        pairs = torch.stack([eye[j] - eye[i] for j in range(k) for i in range(k) if i != j])
+        zeros = lambda t: torch.zeros_like(t)
+        self.graph_kind, self.label, self.k = "stacked", y, k
+        # rows: model_a margins | model_b margins | model_b all pairwise differences
+        self.rows = torch.cat([torch.cat([margins, zeros(margins)], 1), torch.cat([zeros(margins), margins], 1),
+                               torch.cat([zeros(pairs), pairs], 1)])
+
+    def scalar(self, lower, upper):
+        """The certified bound of the summary per box, from per-row bounds [n, rows]."""
+        if self.kind != "top1":
+            return torch.maximum(-lower, upper).amax(dim=1)
+        m = self.k - 1
+        a_keeps = upper[:, :m].amax(dim=1) < 0
+        # if model_a provably keeps label y, the flip margin is at most max_j b_j - b_y;
+        # otherwise only the largest pairwise difference of model_b bounds it
+        return torch.where(a_keeps, upper[:, m:2 * m].amax(dim=1), upper[:, 2 * m:].amax(dim=1))
+
+    def reported(self, lower, upper):
+        return (lower, upper) if self.kind != "top1" else (lower[:, self.k - 1:2 * (self.k - 1)],
+                                                           upper[:, self.k - 1:2 * (self.k - 1)])
+
+
+def _bound_boxes(problem, spec, methods, region, lo, hi):
+    """Per-row bounds of a batch of boxes: the intersection over `methods` (each is sound)."""
+    lower, upper = None, None
+    for name in methods:
+        l, u = METHODS[name](problem, region, lo, hi)
+        lower = l if lower is None else torch.maximum(lower, l)
+        upper = u if upper is None else torch.minimum(upper, u)
+    return lower, upper, spec.scalar(lower, upper)
+
+
+def _methods_for(method, n_params, budget):
+    if method == "auto":
+        return ["crown"] if (budget or n_params > 200_000) else ["crown", "alpha-crown"]
+    if method not in METHODS:
+        raise DiffprobeError(f"unknown method '{method}'; choose one of {', '.join(['auto', *METHODS])}")
+    return [method]
+
+
+def _verdict(bound, found, threshold):
+    if threshold is None:
+        return None
+    if found > threshold:
+        return Verdict.FALSIFIED
+    return Verdict.VERIFIED if bound <= threshold else Verdict.UNKNOWN
+
+
+def certify(model_a, model_b, region, *, difference="elementwise", method="auto", threshold=None,
+            time_budget=None, tolerance=0.05, search_steps=50, search_restarts=8, seed=0,
+            progress=False):
+    """Certified bounds on `difference` between the models over `region`, with a witness.
+
+    `method`: ibp, crown, alpha-crown or auto. With `time_budget` (seconds), input-split
+    branch-and-bound runs until the gap (bound - found) is within `tolerance` of the bound, the
+    verdict against `threshold` is reached, or the budget is spent. Bounds are computed in
+    float64 so rounding cannot make the certificate lie.
+    """
+    t0 = time.perf_counter()
+    diff = get_difference(difference)
+    pair = compose(model_a, model_b, region)
+    region = fit_region(region, pair.input_shape)
+    pair64 = copy.deepcopy(pair).double()
+    spec = _Spec(diff, pair64, region)
+    problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair.input_shape, spec.rows)
+    methods = _methods_for(method, sum(p.numel() for p in pair.parameters()), time_budget)
+    witness = search(model_a, model_b, region, difference=diff, steps=search_steps,
+                     restarts=search_restarts, seed=seed, threshold=threshold)
+    state = _BranchAndBound(problem, spec, methods, region, pair64, diff, witness)
+    if time_budget and region.norm != 2.0:
+        state.run(t0 + time_budget, threshold, tolerance, progress)
+    return state.certificate(method if method != "auto" else "auto(" + "+".join(methods) + ")",
+                             threshold, seed, time.perf_counter() - t0)
+
+
+class _BranchAndBound:
+    """Leaves of the input split; the bound is the max over leaves (and pruned leaves)."""
+
+    def __init__(self, problem, spec, methods, region, pair64, diff, witness):
+        self.problem, self.spec, self.methods, self.region = problem, spec, methods, region
+        self.pair64, self.diff = pair64, diff
+        self.found, self.witness = witness.found, torch.tensor(witness.x, dtype=torch.float64)
+        self.notes = list(witness.warnings)
+        lo, hi = region.bounding_box()
+        self.lo, self.hi = lo.unsqueeze(0), hi.unsqueeze(0)
+        self.lower, self.upper, self.scores = _bound_boxes(problem, spec, methods, region, self.lo, self.hi)
+        self.pruned_lower = torch.full_like(self.lower[0], _INF)
+        self.pruned_upper = torch.full_like(self.upper[0], -_INF)
+        self.pruned_max, self.branches = -_INF, 1
+        if region.norm == 2.0:
+            self.notes.append("L2 regions are bounded in one pass (auto_LiRPA bounds the ball without its clip box)")
+
+    @property
+    def bound(self):
+        return max(self.pruned_max, self.scores.max().item() if len(self.scores) else -_INF)
+
+    def _prune(self, level):
+        drop = self.scores <= level
+        if drop.any():
+            self.pruned_max = max(self.pruned_max, self.scores[drop].max().item())
+            self.pruned_lower = torch.minimum(self.pruned_lower, self.lower[drop].amin(0))
+            self.pruned_upper = torch.maximum(self.pruned_upper, self.upper[drop].amax(0))
+            keep = ~drop
+            self.lo, self.hi, self.lower, self.upper, self.scores = (
+                t[keep] for t in (self.lo, self.hi, self.lower, self.upper, self.scores))
+
+    def _split_dims(self, lo, hi):
+        """Per box the input dimension whose width times |gradient| at the centre is largest."""
+        x = ((lo + hi) / 2).requires_grad_(True)
+        values = self.diff(*self.pair64.outputs(x))
+        grad, = torch.autograd.grad(values.sum(), x)
+        width = (hi - lo).reshape(len(lo), -1)
+        score = grad.abs().reshape(len(lo), -1) * width
+        score = torch.where(score.amax(1, keepdim=True) > 0, score, width)
+        self._raise_witness(x.detach(), values.detach())
+        return score.argmax(dim=1)
+
+    def _raise_witness(self, x, values):
+        best = int(values.argmax())
+        if values[best].item() > self.found:
+            self.found, self.witness = values[best].item(), x[best].reshape(-1)
+
+    def _step(self, batch):
+        order = self.scores.argsort(descending=True)[:batch]
+        lo, hi = self.lo[order], self.hi[order]
+        dims = self._split_dims(lo, hi)
+        rows = torch.arange(len(lo))
+        mid = ((lo + hi) / 2).reshape(len(lo), -1)[rows, dims]
+        left_hi, right_lo = hi.clone().reshape(len(lo), -1), lo.clone().reshape(len(lo), -1)
+        left_hi[rows, dims], right_lo[rows, dims] = mid, mid
+        new_lo = torch.cat([lo, right_lo.reshape(lo.shape)])
+        new_hi = torch.cat([left_hi.reshape(hi.shape), hi])
+        lower, upper, scores = _bound_boxes(self.problem, self.spec, self.methods, self.region, new_lo, new_hi)
+        keep = torch.ones(len(self.scores), dtype=torch.bool)
+        keep[order] = False
+        self.lo, self.hi = torch.cat([self.lo[keep], new_lo]), torch.cat([self.hi[keep], new_hi])
+        self.lower, self.upper = torch.cat([self.lower[keep], lower]), torch.cat([self.upper[keep], upper])
+        self.scores = torch.cat([self.scores[keep], scores])
+        self.branches += len(new_lo)
+
+    def run(self, deadline, threshold, tolerance, progress, batch=64, max_leaves=200_000):
+        with _progress(progress, None, desc="branch-and-bound") as bar:
+            try:
+                while time.perf_counter() < deadline:
+                    self._prune(self.found if threshold is None else max(self.found, threshold))
+                    if not len(self.scores) or (threshold is not None and self.found > threshold):
+                        break
+                    if self.bound - self.found <= tolerance * abs(self.bound):
+                        break
+                    if len(self.scores) > max_leaves:
+                        self.notes.append(f"stopped at {max_leaves} open sub-regions")
+                        break
+                    self._step(batch)
+                    bar.update(1)
+            except KeyboardInterrupt:
+                self.notes.append("interrupted: the bound so far is reported")
+
+    def certificate(self, method, threshold, seed, seconds):
+        lower = torch.minimum(self.lower.amin(0), self.pruned_lower) if len(self.scores) else self.pruned_lower
+        upper = torch.maximum(self.upper.amax(0), self.pruned_upper) if len(self.scores) else self.pruned_upper
+        lower, upper = self.spec.reported(lower.unsqueeze(0), upper.unsqueeze(0))
+        bound = self.bound
+        gap = self.found / bound if bound > 0 and self.found > 0 else (1.0 if bound == self.found else 0.0)
+        if self.found > bound + 1e-9 * max(1.0, abs(bound)):
+            raise AssertionError(f"unsound bound: witness {self.found} > certified {bound}; please report this")
+        return Certificate(
+            difference=self.diff.name, method=method, lower=lower[0].tolist(), upper=upper[0].tolist(),
+            bound=bound, found=self.found, gap_ratio=gap, verdict=_verdict(bound, self.found, threshold),
+            threshold=threshold, seconds=seconds, seed=seed, witness=self.witness.tolist(),
+            branches=self.branches, region=self.region.to_dict(), notes=self.notes,
+            provenance=provenance(seed, torch_dtype="float64"))
