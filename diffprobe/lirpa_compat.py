@@ -9,6 +9,7 @@ import contextlib
 import functools
 import sys
 import types
+import warnings
 
 import torch
 
@@ -108,7 +109,8 @@ def import_auto_lirpa():
     _patch_numpy()
     _patch_torch()
     try:
-        with _jit_settings_kept():
+        with _jit_settings_kept(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # its torch.jit.script use
             import auto_LiRPA
     except ImportError as exc:
         raise DiffprobeError(
@@ -130,7 +132,8 @@ def traced(dtype=torch.float32):
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with _jit_settings_kept():
+        with _jit_settings_kept(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
         torch.set_default_dtype(default)

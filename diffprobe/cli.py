@@ -1,0 +1,195 @@
+"""The `diffprobe` command: parse, load, call the Python API, render, exit code.
+
+Exit codes: 0 success / verified, 10 falsified, 5 unknown, 1 errors, 2 usage (click's).
+"""
+import functools
+import json
+import sys
+
+import click
+
+from . import __version__
+from .differences import DIFFERENCES
+from .errors import DiffprobeError, RegionError
+from .results import Verdict
+
+EXIT = {None: 0, Verdict.VERIFIED: 0, Verdict.FALSIFIED: 10, Verdict.UNKNOWN: 5}
+METHOD_CHOICES = ["auto", "ibp", "crown", "alpha-crown"]
+
+
+def _friendly(fn):
+    """User mistakes become one line on stderr and exit 1; Ctrl-C exits 130."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DiffprobeError as exc:
+            click.echo(f"diffprobe: error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("diffprobe: interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def model_options(fn):
+    options = [
+        click.argument("model_a", type=click.Path(dir_okay=False)),
+        click.argument("model_b", type=click.Path(dir_okay=False)),
+        click.option("--arch", help="architecture for state_dict/safetensors files: module:factory or file.py:factory"),
+        click.option("--arch-b", help="architecture for MODEL_B when it differs from --arch"),
+        click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the factory"),
+        click.option("--trust", is_flag=True, help="allow files that can run code when loaded (pickled modules, .pt2)"),
+        click.option("--normalize", is_flag=True, help="apply NNet files' input/output normalisation"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def region_options(fn):
+    options = [
+        click.option("--vnnlib", type=click.Path(dir_okay=False), help="input box of a VNN-LIB property"),
+        click.option("--center", type=click.Path(dir_okay=False), help="ball centre (.npy/.npz/.pt/.safetensors)"),
+        click.option("--index", type=int, default=0, show_default=True, help="row of --center when it holds several points"),
+        click.option("--eps", type=float, help="ball radius (with --center)"),
+        click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True),
+        click.option("--clip", type=float, nargs=2, help="valid input range LO HI"),
+        click.option("--box", type=float, nargs=2, help="box LO HI applied to every input"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def common_options(fn):
+    options = [
+        click.option("--difference", type=click.Choice(list(DIFFERENCES)), default="elementwise", show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout"),
+        click.option("--quiet", is_flag=True, help="no progress on stderr"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize):
+    from .loading import load_model
+    kw = dict(arch_kwargs=arch_kwargs, trust=trust, normalize=normalize)
+    return load_model(model_a, arch=arch, **kw), load_model(model_b, arch=arch_b or arch, **kw)
+
+
+def make_region(model_a, model_b, vnnlib, center, index, eps, norm, clip, box):
+    import torch
+    from .data import load_tensor
+    from .graph import common_input_shape
+    from .regions import Box, ball, box_from_vnnlib
+    given = [name for name, v in (("--vnnlib", vnnlib), ("--center", center), ("--box", box)) if v]
+    if len(given) != 1:
+        raise RegionError("give exactly one region: --vnnlib FILE, --center FILE --eps E, or --box LO HI")
+    if vnnlib:
+        return box_from_vnnlib(vnnlib)
+    if box:
+        shape = common_input_shape(model_a, model_b)
+        return Box(torch.full(shape, box[0], dtype=torch.float64), torch.full(shape, box[1], dtype=torch.float64))
+    if eps is None:
+        raise RegionError("--center needs --eps E (the ball radius)")
+    points = load_tensor(center)
+    shape = common_input_shape(model_a, model_b)
+    n = 1
+    for s in shape:
+        n *= s
+    if points.numel() != n:
+        if points.numel() % n or not 0 <= index < points.numel() // n:
+            raise RegionError(f"{center} holds {points.numel()} values, not a whole number of inputs of "
+                              f"shape {list(shape)}, or --index {index} is out of range")
+        points = points.reshape(-1, n)[index]
+    return ball(points.reshape(shape).double(), eps, norm, clip)
+
+
+def emit(result, as_json, text):
+    click.echo(result.to_json() if as_json else text)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="diffprobe")
+def main():
+    """How differently can two neural networks behave? Witnesses by search, bounds by certification."""
+
+
+@main.command()
+@model_options
+@region_options
+@common_options
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--restarts", type=int, default=8, show_default=True)
+@click.option("--threshold", type=float, help="stop early once exceeded; exit 10 if it is")
+@click.option("--save-witness", type=click.Path(dir_okay=False), help="write the witness as .npy")
+@_friendly
+def search(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
+           norm, clip, box, difference, seed, as_json, quiet, steps, restarts, threshold, save_witness):
+    """Find the input in a region where MODEL_A and MODEL_B disagree most."""
+    from . import search as run_search
+    from .report import search_text
+    a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
+    region = make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
+    result = run_search(a, b, region, difference=difference, steps=steps, restarts=restarts, seed=seed,
+                        threshold=threshold, progress=not quiet)
+    if save_witness:
+        import numpy as np
+        np.save(save_witness, result.witness().numpy())
+    emit(result, as_json, search_text(result))
+    sys.exit(10 if threshold is not None and result.found > threshold else 0)
+
+
+def _certify_command(name, doc, search_steps):
+    @main.command(name=name, help=doc)
+    @model_options
+    @region_options
+    @common_options
+    @click.option("--method", type=click.Choice(METHOD_CHOICES), default="auto", show_default=True)
+    @click.option("--threshold", type=float, help="verdict: verified if bound <= T, falsified if a witness exceeds T")
+    @click.option("--time-budget", type=float, help="seconds for branch-and-bound (off without it)")
+    @_friendly
+    def command(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
+                norm, clip, box, difference, seed, as_json, quiet, method, threshold, time_budget):
+        from . import certify
+        from .report import certificate_text
+        a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
+        region = make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
+        result = certify(a, b, region, difference=difference, method=method, threshold=threshold,
+                         time_budget=time_budget, seed=seed, search_steps=search_steps, progress=not quiet)
+        emit(result, as_json, certificate_text(result))
+        sys.exit(EXIT[result.verdict])
+    return command
+
+
+_certify_command("certify", "Bound how much MODEL_A and MODEL_B can differ over a region.", 50)
+_certify_command("compare", "Search and certify in one report, with a larger search budget.", 200)
+
+
+@main.command()
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eps", type=float, default=0.02, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@_friendly
+def demo(seed, eps, as_json, quiet):
+    """Train a digits classifier and a fine-tuned copy, then search and certify their drift."""
+    from .report import demo_text
+    from .demo import run_demo
+    report = run_demo(seed=seed, eps=eps, progress=not quiet)
+    click.echo(json.dumps(report["json"]) if as_json else demo_text(report))
+
+
+@main.command()
+@_friendly
+def stability():
+    """Trainer stability studies (planned; see the project's issue tracker)."""
+    raise DiffprobeError("'stability' is not implemented yet; use the Python API search/certify on your "
+                         "ensemble members meanwhile")
+
+
+if __name__ == "__main__":
+    main()
