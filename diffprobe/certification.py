@@ -31,7 +31,7 @@ class _Spec:
 
     def _top1_rows(self, pair, region):
         with torch.no_grad():
-            a, _ = pair.outputs(region.center.unsqueeze(0).to(next(pair.parameters()).dtype))
+            a, _ = pair.outputs(region.center.unsqueeze(0).to(torch.float64))
         k, y = a.shape[1], int(a.argmax())
         eye = torch.eye(k, dtype=torch.float64)
         keep = [j for j in range(k) if j != y]

@@ -103,12 +103,16 @@ def _softmax(z):
     return e / e.sum(dim=1, keepdim=True)
 
 
+def _dtype_of(module):
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 def compose(model_a, model_b, region=None):
     """The `Pair` of two models, checked for matching input and output shapes."""
     shape = common_input_shape(model_a, model_b, None if region is None else region.shape)
     pair = Pair(model_a, model_b, shape).eval()
     with torch.no_grad():
-        probe = torch.zeros(1, *shape, dtype=next(model_a.parameters()).dtype)
+        probe = torch.zeros(1, *shape, dtype=_dtype_of(pair))
         try:
             pair.outputs(probe)
         except RuntimeError as exc:

@@ -69,7 +69,11 @@ def load_model(path, *, arch=None, arch_kwargs=None, trust=False, normalize=Fals
         model = _load_pt2(path, trust)
     else:
         model = _load_weights(path, kind, arch, arch_kwargs, trust)
-    model = model.float().eval()
+    model = model.float()
+    try:
+        model.eval()
+    except NotImplementedError:  # torch.export modules are already in inference form
+        pass
     check_finite(model, path)
     return model
 

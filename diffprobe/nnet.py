@@ -40,6 +40,7 @@ def read_nnet(path, *, normalize=False):
         offset += count
         layers += [linear, nn.ReLU()] if k < len(sizes) - 2 else [linear]
     if normalize:
-        mean, rng = np.array(means[:n_in]), np.array(ranges[:n_in])
-        layers = [Elementwise(1 / rng, -mean / rng)] + layers + [Elementwise(ranges[-1], means[-1])]
+        # a range of 0 is a placeholder in some files (ReluDiff's toys): it means no scaling
+        mean, rng = np.array(means[:n_in]), np.array([r or 1.0 for r in ranges[:n_in]])
+        layers = [Elementwise(1 / rng, -mean / rng)] + layers + [Elementwise(ranges[-1] or 1.0, means[-1])]
     return Network(layers, (n_in,))

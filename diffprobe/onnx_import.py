@@ -212,6 +212,7 @@ def onnx_to_torch(model):
         if computed != [current]:
             problems.append(f"{node.op_type} (node '{node.name or node.output[0]}' is not part of a chain)")
             continue
+        current = node.output[0]
         if node.op_type not in _CONVERTERS:
             problems.append(node.op_type)
             continue
@@ -223,7 +224,6 @@ def onnx_to_torch(model):
         if layer is not None:
             layers.append(layer)
             rank = _output_rank(layer, rank if rank is not None else 1)
-        current = node.output[0]
     if problems:
         raise UnsupportedOperationError(problems, what="the ONNX importer",
                                         hint="export the model as a chain of the supported ops")

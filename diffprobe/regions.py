@@ -167,6 +167,8 @@ class L2Ball:
         return inside & (dist <= self.eps * (1 + 1e-9) + tol)
 
     def project(self, x, iterations=60):
+        if x.shape[0] == 0:
+            return x
         """Exact Euclidean projection onto ball ∩ box: clip((x + λc) / (1 + λ)) with λ >= 0
         found by bisection, since the clip keeps the distance to c monotone in λ."""
         c = self.center.to(x)
@@ -199,6 +201,8 @@ class L2Ball:
 
     def corners(self, n, generator=None):
         """Points on the sphere, projected into the clip box."""
+        if n == 0:
+            return self.center.new_zeros((0, *self.shape))
         d = self.center.numel()
         direction = torch.randn((n, d), generator=generator, dtype=torch.float64)
         direction = self.eps * direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-300)
