@@ -49,7 +49,11 @@ class _UnsupportedCollector(logging.Handler):
 
     def emit(self, record):
         if record.msg.startswith("The node has an unsupported operation") and record.args:
-            self.ops.append(getattr(record.args[0], "op", str(record.args[0])))
+            node = record.args[0]
+            op = getattr(node, "op", str(node))
+            if op.startswith("aten::ATen"):  # the ONNX fallback names the real op in an attribute
+                op = "aten::" + str((getattr(node, "attr", None) or {}).get("operator", "?"))
+            self.ops.append(op.replace("onnx::", ""))
 
 
 @contextlib.contextmanager
@@ -73,22 +77,35 @@ def build_problem(graph, input_shape, spec=None, dtype=torch.float64):
             module = lirpa.BoundedModule(graph, torch.zeros(1, *input_shape, dtype=dtype),
                                          bound_opts=BOUND_OPTS, verbose=False)
         except NotImplementedError as exc:
-            ops = [op.replace("onnx::", "") for op in collector.ops] or [str(exc)]
             raise UnsupportedOperationError(
-                ops, what="auto_LiRPA", hint="replace these layers or use --method differential/search only") from exc
+                collector.ops or [str(exc)], what="auto_LiRPA",
+                hint="replace these layers, or use search alone for a lower bound") from exc
     return Problem(graph, module, spec, dtype)
 
 
-def _bounded_input(region, lo, hi):
+def _bounded_input(region, lo, hi, l2=True):
     lirpa = import_auto_lirpa()
-    if region.norm == 2.0:
+    if l2 and region.norm == 2.0:
         center = region.center.unsqueeze(0).to(lo.dtype)
         return lirpa.BoundedTensor(center, lirpa.PerturbationLpNorm(norm=2, eps=region.eps))
     return lirpa.BoundedTensor((lo + hi) / 2, lirpa.PerturbationLpNorm(norm=float("inf"), x_L=lo, x_U=hi))
 
 
 def _lirpa_bounds(problem, region, lo, hi, method):
-    x = _bounded_input(region, lo.to(problem.dtype), hi.to(problem.dtype))
+    """Bounds over boxes; an L2 ball is bounded both as a ball and as its bounding box, and the
+    intersection kept. Under IBP only the box: 0.3 propagates an L2 input's interval as its
+    centre through any op but Linear/Conv (e.g. a residual add), which is unsound."""
+    if region.norm == 2.0:
+        box = _lirpa_call(problem, _bounded_input(region, lo, hi, l2=False), method)
+        if method == "IBP":
+            return box
+        ball = _lirpa_call(problem, _bounded_input(region, lo, hi), method)
+        return torch.maximum(box[0], ball[0]), torch.minimum(box[1], ball[1])
+    return _lirpa_call(problem, _bounded_input(region, lo, hi), method)
+
+
+def _lirpa_call(problem, x, method):
+    x = x.to(problem.dtype)
     spec = None
     if problem.spec is not None:
         spec = problem.spec.to(problem.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)

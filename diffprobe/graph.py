@@ -68,12 +68,16 @@ class Pair(nn.Module):
 
     def outputs(self, x):
         n = x.shape[0]
-        a = self.model_a(x.reshape(n, *self.shape_a))
-        b = self.model_b(x.reshape(n, *self.shape_b))
+        a = self.model_a(self._as(x, self.shape_a))
+        b = self.model_b(self._as(x, self.shape_b))
         if a.reshape(n, -1).shape != b.reshape(n, -1).shape:
             raise ShapeMismatchError(f"output shapes differ: model_a gives {list(a.shape[1:])}, "
                                      f"model_b gives {list(b.shape[1:])}; compare models with the same outputs")
         return a.reshape(n, -1), b.reshape(n, -1)
+
+    def _as(self, x, shape):
+        # no reshape node when none is needed, so the traced graph stays minimal
+        return x if tuple(x.shape[1:]) == tuple(shape) else x.reshape(x.shape[0], *shape)
 
     def forward(self, x):
         return self.outputs(x)

@@ -37,9 +37,11 @@ def _jit_settings_kept():
     torch._C._jit_set_profiling_executor(executor)
     mode = torch._C._get_graph_executor_optimize()
     opset = _opset_globals().export_onnx_opset_version
+    recursion = sys.getrecursionlimit()  # auto_LiRPA raises it to 1e6
     try:
         yield
     finally:
+        sys.setrecursionlimit(recursion)
         torch._C._jit_set_profiling_executor(executor)
         torch._C._set_graph_executor_optimize(mode)
         _opset_globals().export_onnx_opset_version = opset
