@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from diffprobe.cli import main
+from conftest import mlp, shared
+
+
+def factory(shift=0.0):
+    torch.manual_seed(0)  # the CLI builds the architecture; weights come from the file
+    return nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    a = factory()
+    b = factory()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        b[2].bias.add_(0.2)
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    torch.save(b.state_dict(), tmp_path / "b.pt")
+    np.save(tmp_path / "center.npy", np.zeros((4, 3), dtype=np.float32))
+    return tmp_path
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def test_search_json_contract(pair):
+    r = run("search", pair / "a.pt", pair / "b.pt", "--arch", f"{__file__}:factory", "--center",
+            pair / "center.npy", "--index", 2, "--eps", 0.1, "--json", "--quiet", "--steps", 10,
+            "--save-witness", pair / "w.npy")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    for key in ("difference", "found", "x", "output_a", "output_b", "evaluations", "seed"):
+        assert key in out
+    assert out["found"] == pytest.approx(0.2, abs=1e-6) and len(out["x"]) == 3
+    assert np.load(pair / "w.npy").shape == (3,)
+
+
+@pytest.mark.parametrize("threshold, code, verdict", [(1.0, 0, "verified"), (0.1, 10, "falsified")])
+def test_certify_exit_codes(pair, threshold, code, verdict):
+    r = run("certify", pair / "a.pt", pair / "b.pt", "--arch", f"{__file__}:factory", "--box", -1, 1,
+            "--method", "crown", "--threshold", threshold, "--json", "--quiet")
+    assert r.exit_code == code, r.output
+    out = json.loads(r.stdout)
+    assert out["verdict"] == verdict and out["found"] == pytest.approx(0.2, abs=1e-6)
+    assert out["found"] <= out["bound"]
+    for key in ("difference", "method", "lower", "upper", "bound", "found", "gap_ratio", "verdict", "seconds", "seed"):
+        assert key in out
+
+
+def test_certify_unknown_exit_code_on_real_pair():
+    a = shared("acasxu/ACASXU_run2a_1_1_batch_2000.nnet")
+    b = shared("acasxu_fp16/ACASXU_run2a_1_1_batch_2000_16bit.nnet")
+    r = run("compare", a, b, "--vnnlib", shared("acasxu/prop_1.vnnlib"), "--method", "crown",
+            "--threshold", 0.01, "--quiet")
+    assert r.exit_code == 5, r.output
+    assert "unknown" in r.stdout and "bound" in r.stdout
+
+
+def test_onnx_against_nnet_with_vnnlib(tmp_path):
+    r = run("search", shared("acasxu/ACASXU_run2a_1_1_batch_2000.onnx"),
+            shared("acasxu_fp16/ACASXU_run2a_1_1_batch_2000_16bit.nnet"),
+            "--vnnlib", shared("acasxu/prop_1.vnnlib"), "--steps", 5, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    assert 0 < json.loads(r.stdout)["found"] < 1e-3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eps", "-0.1"], "eps must be"),
+    ([], "exactly one region"),
+    (["--eps", "0.1", "--box", "0", "1"], "exactly one region"),
+])
+def test_user_errors_are_one_line(pair, args, message):
+    region = ["--center", str(pair / "center.npy")] if args else []
+    r = run("certify", pair / "a.pt", pair / "b.pt", "--arch", f"{__file__}:factory", *region, *args)
+    assert r.exit_code == 1
+    assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_untrusted_pickle_and_shape_mismatch(pair):
+    torch.save(factory(), pair / "whole.pt")
+    r = run("search", pair / "whole.pt", pair / "whole.pt", "--box", 0, 1)
+    assert r.exit_code == 1 and "--trust" in r.stderr
+    other = nn.Sequential(nn.Linear(4, 2))
+    torch.save(other, pair / "other.pt")
+    r = run("search", pair / "whole.pt", pair / "other.pt", "--trust", "--box", 0, 1)
+    assert r.exit_code == 1 and "input shapes differ" in r.stderr
+
+
+def test_version_and_usage_error():
+    assert run("--version").output.startswith("diffprobe, version")
+    assert run("certify").exit_code == 2
