@@ -40,6 +40,7 @@ class Problem:
     module: object
     spec: torch.Tensor  # [rows, graph outputs] or None for the outputs themselves
     dtype: torch.dtype = torch.float64
+    differential: object = None  # the differential engine, built on first use
 
 
 class _UnsupportedCollector(logging.Handler):
@@ -117,6 +118,24 @@ def _lirpa_call(problem, x, method):
                                             what=f"auto_LiRPA {method} on this graph",
                                             hint="try --method ibp or crown") from exc
     return lower.detach(), upper.detach()
+
+
+@register_method("differential")
+def differential(problem, region, lo, hi):
+    """Differential bounds of model_b - model_a (see diffprobe.differential); box regions only,
+    an L2 ball is bounded through its bounding box."""
+    from .differential import DifferentialBounds, matching_chains
+    if problem.graph.kind != "elementwise":
+        raise UnsupportedOperationError([problem.graph.kind], what="the differential method",
+                                        hint="it bounds the elementwise difference only")
+    if problem.differential is None:
+        chains = matching_chains(problem.graph.pair)
+        if chains is None:
+            raise UnsupportedOperationError(
+                ["layer structures that do not match"], what="the differential method",
+                hint="it needs two Linear/ReLU chains of equal shapes; use crown")
+        problem.differential = DifferentialBounds(chains)
+    return problem.differential.bounds(lo, hi)
 
 
 @register_method("ibp")

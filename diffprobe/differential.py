@@ -1,0 +1,189 @@
+"""Differential bound propagation for near-identical pairs (ReluDiff / NeuroDiff, backward form).
+
+CROWN on the composed graph relaxes the ReLUs of both networks independently, so their slack adds
+up. Here the difference itself is tracked: for layer k, D_k = z'_k - z_k (pre-activations) and
+E_k = h'_k - h_k (post-activations), with
+    D_k = W'_k E_{k-1} + (W'_k - W_k) h_{k-1} + (b'_k - b_k),   E_0 = 0 (shared input),
+and E = relu(z + D) - relu(z) relaxed by chords in D (exact when both neurons are stable).
+A linear form over (h_k, E_k) is back-substituted to the input as in CROWN; intermediate bounds of
+z_k, z'_k and D_k come from the same backward pass started at each layer, D_k's intersected with
+[l'_k - u_k, u'_k - l_k]. Works on Linear/ReLU chains (with Flatten, identity and elementwise
+affine layers folded in) whose two layer structures match.
+"""
+import torch
+from torch import nn
+
+from .layers import Elementwise, Reshape
+
+
+def affine_chain(model, input_numel):
+    """[(W, b), ...] in float64 with a ReLU between consecutive entries, or None if `model` is not
+    such a chain."""
+    layers, pending, relu_after = [], None, []
+    size = input_numel
+    modules = list(model) if isinstance(model, nn.Sequential) else None
+    if modules is None:
+        return None
+    scale = torch.ones(size, dtype=torch.float64)
+    shift = torch.zeros(size, dtype=torch.float64)
+    for m in modules:
+        if isinstance(m, (nn.Flatten, nn.Identity, nn.Dropout, Reshape)):
+            continue
+        if isinstance(m, Elementwise):
+            if m.scale.numel() not in (1, size) or m.shift.numel() not in (1, size):
+                return None
+            s = m.scale.detach().double().reshape(-1).expand(size)
+            t = m.shift.detach().double().reshape(-1).expand(size)
+            if layers and not relu_after[-1]:  # fold into the previous affine layer
+                w, b = layers[-1]
+                layers[-1] = (s[:, None] * w, s * b + t)
+            else:
+                scale, shift = scale * s, shift * s + t
+            continue
+        if isinstance(m, nn.Linear):
+            if layers and not relu_after[-1]:
+                return None  # two affine maps in a row: compose them? rare, keep it simple
+            w = m.weight.detach().double()
+            b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+            if not layers:  # fold the input scaling into the first layer
+                w, b = w * scale[None, :], b + w @ shift
+            elif (scale != 1).any() or (shift != 0).any():
+                return None
+            layers.append((w, b))
+            relu_after.append(False)
+            size = w.shape[0]
+            scale, shift = torch.ones(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
+            continue
+        if isinstance(m, nn.ReLU):
+            if not layers or relu_after[-1]:
+                return None
+            relu_after[-1] = True
+            continue
+        return None
+    if not layers or relu_after[-1] or any(not r for r in relu_after[:-1]):
+        return None
+    return layers
+
+
+def matching_chains(pair):
+    """Both models' affine chains when their structures match, else None."""
+    n = 1
+    for s in pair.input_shape:
+        n *= s
+    a, b = affine_chain(pair.model_a, n), affine_chain(pair.model_b, n)
+    if a is None or b is None or len(a) != len(b):
+        return None
+    if any(wa.shape != wb.shape for (wa, _), (wb, _) in zip(a, b)):
+        return None
+    return a, b
+
+
+def _relu_lines(l, u):
+    """CROWN lines of relu(z), z in [l, u] ([B, n] each): lower slope, upper slope, upper intercept."""
+    active, inactive = l >= 0, u <= 0
+    unstable = ~(active | inactive)
+    upper = torch.where(unstable, u / (u - l).clamp_min(1e-300), active.to(l.dtype))
+    intercept = torch.where(unstable, -upper * l, torch.zeros_like(l))
+    lower = torch.where(unstable, (u > -l).to(l.dtype), active.to(l.dtype))
+    return lower, upper, intercept
+
+
+def _diff_lines(l, u, lp, up, dl, du):
+    """Lines E >= lo_p D + lo_q z + lo_r and E <= up_p D + up_q z + up_r for
+    E = relu(z + D) - relu(z): chords of min(D, 0) <= E <= max(D, 0), exact when both neurons
+    are stable."""
+    zero, one = torch.zeros_like(l), torch.ones_like(l)
+    width = (du - dl).clamp_min(1e-300)
+    crossing = (dl < 0) & (du > 0)
+    lo_p = torch.where(du <= 0, one, torch.where(dl >= 0, zero, -dl / width))
+    up_p = torch.where(du <= 0, zero, torch.where(dl >= 0, one, du / width))
+    lo_r = torch.where(crossing, dl * du / width, zero)
+    up_r = torch.where(crossing, -du * dl / width, zero)
+    lo_q, up_q = zero.clone(), zero.clone()
+    exact = [((l >= 0) & (lp >= 0), 1.0, 0.0),  # both active: E = D
+             ((u <= 0) & (up <= 0), 0.0, 0.0),  # both inactive: E = 0
+             ((l >= 0) & (up <= 0), 0.0, -1.0),  # a active, b inactive: E = -z
+             ((u <= 0) & (lp >= 0), 1.0, 1.0)]  # a inactive, b active: E = z + D
+    for mask, p, q in exact:
+        lo_p, up_p = torch.where(mask, p, lo_p), torch.where(mask, p, up_p)
+        lo_q, up_q = torch.where(mask, q, lo_q), torch.where(mask, q, up_q)
+        lo_r, up_r = torch.where(mask, 0.0, lo_r), torch.where(mask, 0.0, up_r)
+    return lo_p, up_p, lo_q, up_q, lo_r, up_r
+
+
+def _pick(lam, if_pos, if_neg):
+    """lam * line, the line chosen per entry by the sign of lam (lower bound of lam * value)."""
+    return torch.where(lam >= 0, lam * if_pos.unsqueeze(1), lam * if_neg.unsqueeze(1))
+
+
+def _dot(lam, vec):
+    return torch.bmm(lam, vec.unsqueeze(-1)).squeeze(-1)
+
+
+def _concretize_lower(lam, const, lo, hi):
+    return _dot(lam.clamp_min(0), lo) + _dot(lam.clamp_max(0), hi) + const
+
+
+class DifferentialBounds:
+    """Bounds of model_b(x) - model_a(x) over boxes, for a pair of matching affine/ReLU chains."""
+
+    def __init__(self, chains):
+        self.a, self.b = chains
+
+    def lower(self, spec_d, k, lo, hi, relax_a, relax_d):
+        """Lower bound of spec_d · D_k over boxes [B, n] (spec_d: [B, m, n_k])."""
+        lam_z = torch.zeros_like(spec_d)
+        lam_d, const = spec_d, torch.zeros(spec_d.shape[:2], dtype=spec_d.dtype)
+        for j in range(k, -1, -1):
+            (wa, ba), (wb, bb) = self.a[j], self.b[j]
+            # z_j = W_j h + b_j ;  D_j = W'_j E + (W'_j - W_j) h + (b'_j - b_j)
+            const = const + lam_z @ ba + lam_d @ (bb - ba)
+            lam_h = lam_z @ wa + lam_d @ (wb - wa)
+            lam_e = lam_d @ wb
+            if j == 0:
+                return _concretize_lower(lam_h, const, lo, hi)
+            lower, upper, intercept = relax_a[j - 1]
+            lo_p, up_p, lo_q, up_q, lo_r, up_r = relax_d[j - 1]
+            const = (const + _dot(lam_h.clamp_max(0), intercept)
+                     + _dot(lam_e.clamp_min(0), lo_r) + _dot(lam_e.clamp_max(0), up_r))
+            lam_z = _pick(lam_h, lower, upper) + _pick(lam_e, lo_q, up_q)
+            lam_d = _pick(lam_e, lo_p, up_p)
+
+    def single_lower(self, chain, spec, k, lo, hi, relax):
+        """Plain CROWN lower bound of spec · z_k for one network."""
+        lam, const = spec, torch.zeros(spec.shape[:2], dtype=spec.dtype)
+        for j in range(k, -1, -1):
+            w, b = chain[j]
+            const = const + lam @ b
+            lam = lam @ w
+            if j == 0:
+                return _concretize_lower(lam, const, lo, hi)
+            lower, upper, intercept = relax[j - 1]
+            const = const + _dot(lam.clamp_max(0), intercept)
+            lam = _pick(lam, lower, upper)
+
+    @staticmethod
+    def _both_sides(fn, n, batch, dtype):
+        eye = torch.eye(n, dtype=dtype).expand(batch, n, n)
+        return fn(eye), -fn(-eye)
+
+    @torch.no_grad()
+    def bounds(self, lo, hi, spec=None):
+        """Lower/upper bounds of spec @ (model_b - model_a) over each box [B, n]."""
+        lo, hi = lo.reshape(len(lo), -1).double(), hi.reshape(len(hi), -1).double()
+        batch, dtype = lo.shape[0], lo.dtype
+        relax_a, relax_b, relax_d = [], [], []
+        for k in range(len(self.a) - 1):
+            n = self.a[k][0].shape[0]
+            l, u = self._both_sides(lambda s: self.single_lower(self.a, s, k, lo, hi, relax_a), n, batch, dtype)
+            lp, up = self._both_sides(lambda s: self.single_lower(self.b, s, k, lo, hi, relax_b), n, batch, dtype)
+            dl, du = self._both_sides(lambda s: self.lower(s, k, lo, hi, relax_a, relax_d), n, batch, dtype)
+            dl, du = torch.maximum(dl, lp - u), torch.minimum(du, up - l)
+            relax_a.append(_relu_lines(l, u))
+            relax_b.append(_relu_lines(lp, up))
+            relax_d.append(_diff_lines(l, u, lp, up, dl, du))
+        k, n_out = len(self.a) - 1, self.a[-1][0].shape[0]
+        spec = torch.eye(n_out, dtype=dtype) if spec is None else spec.to(dtype)
+        spec = spec.expand(batch, *spec.shape)
+        return (self.lower(spec, k, lo, hi, relax_a, relax_d),
+                -self.lower(-spec, k, lo, hi, relax_a, relax_d))
