@@ -38,3 +38,9 @@ def shifted(model, c):
     with torch.no_grad():
         [m for m in other if isinstance(m, nn.Linear)][-1].bias.add_(c)
     return other
+
+
+def examples(n):
+    """Hypothesis example count; DIFFPROBE_SOUNDNESS_FACTOR=20 runs the soundness tests 20x longer."""
+    import os
+    return n * int(os.environ.get("DIFFPROBE_SOUNDNESS_FACTOR", "1"))

@@ -7,7 +7,7 @@ from diffprobe import Box, L2Ball, LinfBall, UnsupportedOperationError, Verdict,
 from diffprobe.bounds import METHODS
 from diffprobe.graph import compose
 from diffprobe.layers import Network
-from conftest import mlp, shifted
+from conftest import mlp, shifted, examples
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -68,7 +68,7 @@ def _region(kind, dim, seed, eps):
     return LinfBall(center, eps, (0.0, 1.0)) if kind == "linf" else L2Ball(center, eps)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), act=st.sampled_from(list(ACTIVATIONS)),
        method=st.sampled_from(["ibp", "crown", "alpha-crown"]), kind=st.sampled_from(["box", "linf", "l2"]),
        eps=st.floats(0.01, 1.0), noise=st.sampled_from([0.0, 1e-3, 0.3]), same=st.booleans())
@@ -81,7 +81,7 @@ def test_mlp_bounds_contain_every_sample(seed, act, method, kind, eps, noise, sa
     sandwich(a, b, _region(kind, 4, seed, eps), method)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(seed=st.integers(0, 1000), method=st.sampled_from(["ibp", "crown"]),
        pool=st.sampled_from([nn.AvgPool2d, nn.MaxPool2d]), kind=st.sampled_from(["linf", "l2"]))
 def test_cnn_and_residual_bounds_contain_every_sample(seed, method, pool, kind):

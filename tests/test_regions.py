@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from diffprobe import Box, L2Ball, LinfBall, RegionError, ball, box_from_vnnlib
-from conftest import shared
+from conftest import shared, examples
 
 
 def regions(draw_seed, dim, eps, kind, clip):
@@ -20,7 +20,7 @@ region_strategy = st.builds(regions, st.integers(0, 10_000), st.integers(1, 12),
                             st.floats(0.0, 2.0), st.sampled_from(["box", "linf", "l2"]), st.booleans())
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(region=region_strategy, seed=st.integers(0, 1000))
 def test_samples_corners_and_projections_stay_inside(region, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -33,7 +33,7 @@ def test_samples_corners_and_projections_stay_inside(region, seed):
     assert torch.allclose(region.project(inside), inside)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(seed=st.integers(0, 1000), dim=st.integers(1, 8), eps=st.floats(0.01, 1.0))
 def test_l2_projection_is_the_nearest_point(seed, dim, eps):
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,94 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from torch import nn
+
+from diffprobe import Box, LinfBall, UnsupportedOperationError, certify, load_model
+from diffprobe.differential import DifferentialBounds, affine_chain, matching_chains
+from diffprobe.graph import compose
+from diffprobe.layers import Elementwise, Network
+from conftest import mlp, shared, examples
+
+
+def perturbed(model, scale, seed, bias_only=False):
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if not bias_only or name.endswith("bias"):
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+    return other
+
+
+def engine_bounds(a, b, lo, hi):
+    return DifferentialBounds(matching_chains(compose(a, b))).bounds(lo, hi)
+
+
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), depth=st.integers(1, 4), width=st.integers(1, 12),
+       noise=st.sampled_from([0.0, 1e-6, 1e-3, 0.1, 2.0]), radius=st.floats(1e-4, 3.0),
+       bias_shift=st.floats(-3, 3), boxes=st.integers(1, 4))
+def test_differential_bounds_contain_every_sample(seed, depth, width, noise, radius, bias_shift, boxes):
+    a = mlp([3] + [width] * depth + [2], seed)
+    with torch.no_grad():  # large bias shifts make whole layers stably active or inactive
+        for m in a:
+            if isinstance(m, nn.Linear):
+                m.bias.add_(bias_shift)
+    b = perturbed(a, noise, seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(boxes, 3, generator=gen, dtype=torch.float64)
+    lo, hi = centers - radius, centers + radius * torch.rand(boxes, 3, generator=gen, dtype=torch.float64)
+    lower, upper = engine_bounds(a, b, lo, hi)
+    for i in range(boxes):
+        x = Box(lo[i], hi[i]).sample(500, gen)
+        x = torch.cat([x, Box(lo[i], hi[i]).corners(50, gen)])
+        with torch.no_grad():
+            d = b.double()(x) - a.double()(x)
+        slack = 1e-9 * (1 + d.abs().max())
+        assert (d >= lower[i] - slack).all() and (d <= upper[i] + slack).all()
+    if noise == 0.0:
+        assert upper.abs().max() < 1e-9 and lower.abs().max() < 1e-9  # identical: exactly zero
+
+
+def test_identical_and_shifted_copies_are_exact():
+    a = mlp([4, 10, 10, 3], 0)
+    b = perturbed(a, 0.0, 0)
+    with torch.no_grad():
+        b[-1].bias.add_(0.25)
+    lower, upper = engine_bounds(a, b, -torch.ones(1, 4), torch.ones(1, 4))
+    assert torch.allclose(lower, torch.full_like(lower, 0.25)) and torch.allclose(upper, torch.full_like(upper, 0.25))
+
+
+def test_structure_detection_and_fallback_note():
+    assert affine_chain(Network([Elementwise(2.0, 1.0), nn.Flatten(), nn.Linear(3, 4), nn.ReLU(),
+                                 nn.Linear(4, 2), Elementwise(0.5, 0.0)], (3,)), 3) is not None
+    assert affine_chain(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), 3) is None
+    a, b = mlp([3, 5, 2], 0), mlp([3, 6, 2], 1)
+    assert matching_chains(compose(a, b)) is None
+    with pytest.raises(UnsupportedOperationError, match="do not match"):
+        certify(a, b, LinfBall(torch.zeros(3), 0.1), method="differential")
+    assert "crown" in certify(a, b, LinfBall(torch.zeros(3), 0.1)).method  # auto falls back
+
+
+def test_folded_normalisation_matches_the_network():
+    net = Network([Elementwise(torch.tensor([2.0, 0.5, 1.0]), torch.tensor([1.0, 0.0, -1.0])),
+                   nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), Elementwise(3.0, 0.5)], (3,))
+    chain = affine_chain(net, 3)
+    x = torch.randn(7, 3, dtype=torch.float64)
+    h = x
+    for i, (w, b) in enumerate(chain):
+        h = h @ w.T + b
+        h = torch.relu(h) if i < len(chain) - 1 else h
+    assert torch.allclose(h, net.double()(x))
+
+
+@pytest.mark.parametrize("eps, reference", [(1 / 255, 2.54e-3), (3 / 255, 3.69e-3), (8 / 255, 1.03e-2)])
+def test_mnist_fp16_pair_at_least_as_tight_as_the_reference(eps, reference):
+    a = load_model(shared("mnist_3x100/mnist_relu_3_100.nnet"))
+    b = load_model(shared("mnist_3x100/mnist_relu_3_100_16bit.nnet"))
+    center = torch.from_numpy(np.load(shared("mnist_3x100/mnist_test_inputs.npy"))[0])
+    cert = certify(a, b, LinfBall(center, eps, (0.0, 1.0)), method="differential", search_steps=20)
+    assert cert.found <= cert.bound <= reference * 1.005
