@@ -1,0 +1,107 @@
+"""Tightness of certified difference bounds on the shared pairs: composed CROWN / alpha-CROWN
+(auto_LiRPA on model_b(x) - model_a(x)) vs the differential method, beside the sampled max.
+
+    python scripts/bench_tightness.py [--quick]
+
+Prints a markdown table; ratios are measured in the same run (alpha-CROWN / differential bound,
+differential time / CROWN time).
+"""
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import diffprobe as dp
+from diffprobe.bounds import METHODS, build_problem
+from diffprobe.graph import DifferenceGraph, compose, fit_region
+
+NETS = Path(__file__).resolve().parents[2] / "shared" / "nets"
+
+
+def net(rel):
+    return dp.load_model(NETS / rel)
+
+
+def copy_with(model, fn):
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.copy_(fn(p))
+    return other
+
+
+def measure(a, b, region, methods):
+    pair = compose(a, b, region)
+    region = fit_region(region, pair.input_shape)
+    problem = build_problem(DifferenceGraph(copy.deepcopy(pair).double(), "elementwise"), pair.input_shape)
+    lo, hi = (t.unsqueeze(0) for t in region.bounding_box())
+    out = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        lower, upper = METHODS[m](problem, region, lo, hi)
+        print(f"  {m}: {time.perf_counter() - t0:.2f}s", file=sys.stderr, flush=True)
+        out[m] = (torch.maximum(-lower, upper).max().item(), time.perf_counter() - t0)
+    x = region.sample(20000, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a_out, b_out = copy.deepcopy(pair).double().outputs(x)
+    sampled = (b_out - a_out).abs().max().item()
+    found = dp.search(a, b, region, steps=100, restarts=8).found
+    for m, (bound, _) in out.items():
+        assert bound >= max(sampled, found) - 1e-12, f"unsound {m}: {bound} < {max(sampled, found)}"
+    out["sampled"] = max(sampled, found)
+    return out
+
+
+def cases(quick):
+    mnist_a, mnist_b = net("mnist_3x100/mnist_relu_3_100.nnet"), net("mnist_3x100/mnist_relu_3_100_16bit.nnet")
+    image0 = torch.from_numpy(np.load(NETS / "mnist_3x100/mnist_test_inputs.npy")[0])
+    for eps, name in [(1 / 255, "1/255"), (3 / 255, "3/255"), (8 / 255, "8/255")]:
+        yield f"MNIST 3x100 vs fp16, image 0, L-inf {name}", mnist_a, mnist_b, [dp.LinfBall(image0, eps, (0, 1))]
+    har_a, har_b = net("har/HAR-trunc.onnx"), net("har/HAR-trunc-mirror.onnx")
+    har0 = torch.from_numpy(np.load(NETS / "har/har_test_inputs.npy")[0])
+    for eps in (0.01, 0.1):
+        yield f"HAR vs 4-digit rounding, input 0, L-inf {eps}", har_a, har_b, [dp.LinfBall(har0, eps, (-1, 1))]
+    acas_a = net("acasxu/ACASXU_run2a_1_1_batch_2000.nnet")
+    acas_b = net("acasxu_fp16/ACASXU_run2a_1_1_batch_2000_16bit.nnet")
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.rand(3 if quick else 7, 5, generator=gen, dtype=torch.float64) - 0.5
+    for r in (0.05, 0.01):
+        yield f"ACAS N_1_1 vs fp16, box radius {r} (median of {len(centres)})", acas_a, acas_b, [dp.LinfBall(c, r) for c in centres]
+    yield "ACAS N_1_1 vs fp16, property-1 box", acas_a, acas_b, [dp.box_from_vnnlib(NETS / "acasxu/prop_1.vnnlib")]
+    fc = net("mnistfc/mnist-net_256x2.onnx")
+    fp16 = copy_with(fc, lambda p: p.half().float())
+    noisy_gen = torch.Generator().manual_seed(0)
+    noisy = copy_with(fc, lambda p: p * (1 + 0.01 * torch.randn(p.shape, generator=noisy_gen)))
+    for eps in (0.01, 0.03):
+        yield f"mnistfc 256x2 vs fp16, L-inf {eps}", fc, fp16, [dp.LinfBall(image0, eps, (0, 1))]
+    for eps in (0.01, 0.03):
+        yield f"mnistfc 256x2 vs W(1+0.01N), L-inf {eps}", fc, noisy, [dp.LinfBall(image0, eps, (0, 1))]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer ACAS centres")
+    args = parser.parse_args()
+    if not NETS.exists():
+        sys.exit(f"shared networks not found at {NETS}")
+    methods = ["crown", "alpha-crown", "differential"]
+    print("| pair / region | sampled/found max | composed CROWN | composed alpha-CROWN | differential "
+          "| alpha-CROWN / differential | time differential / CROWN |")
+    print("|---|---|---|---|---|---|---|")
+    for name, a, b, regions in cases(args.quick):
+        runs = [measure(a, b, r, methods) for r in regions]
+        med = lambda key, i=0: statistics.median(run[key][i] if i is not None else run[key] for run in runs)
+        sampled = statistics.median(run["sampled"] for run in runs)
+        crown, alpha, diff = (med(m) for m in methods)
+        t_ratio = med("differential", 1) / med("crown", 1)
+        print(f"| {name} | {sampled:.3g} | {crown:.3g} | {alpha:.3g} | {diff:.3g} | {alpha / diff:.3g}x "
+              f"| {t_ratio:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
