@@ -8,15 +8,22 @@ import torch
 from .errors import DataError
 
 
+def read_head(path, size, error=DataError):
+    """The first `size` bytes of a file; a missing, unreadable or empty file raises `error`."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(size)
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not head:
+        raise error(f"{path} is empty")
+    return head
+
+
 def load_tensor(path, key=None):
     """The tensor stored in `path` (for multi-array files, `key` or the first/only 'x'-like entry)."""
     path = Path(path)
-    try:
-        head = path.open("rb").read(8)
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if not head:
-        raise DataError(f"{path} is empty")
+    head = read_head(path, 8)
     try:
         if head.startswith(b"\x93NUMPY"):
             import numpy as np

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import read_head
 from .errors import CheckpointError, UnsafeCheckpointError
 
 _PREFIXES = ("model.", "module.", "net.", "network.", "_orig_mod.")
@@ -22,12 +23,7 @@ _PREFIXES = ("model.", "module.", "net.", "network.", "_orig_mod.")
 def sniff_format(path):
     """'onnx', 'nnet', 'safetensors', 'torch' (torch.save zip or legacy pickle) or 'pt2'."""
     path = Path(path)
-    try:
-        head = path.open("rb").read(4096)
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if not head:
-        raise CheckpointError(f"{path} is empty")
+    head = read_head(path, 4096, CheckpointError)
     if head.startswith(b"PK\x03\x04"):
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
