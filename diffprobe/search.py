@@ -72,7 +72,11 @@ class _Evaluator:
         with torch.no_grad():
             per_output = self.difference.per_output(*self.pair.outputs(x))
         k = per_output.abs().argmax(dim=1)
-        self.target = (k, per_output.gather(1, k[:, None]).sign().squeeze(1))
+        sign = per_output.gather(1, k[:, None]).sign().squeeze(1)
+        # every other restart ascends the full (non-smooth) maximum, so a wrong early choice of
+        # output cannot lock the whole search in
+        sign[1::2] = 0
+        self.target = (k, sign)
 
     def value_and_grad(self, x):
         x = x.detach().requires_grad_(True)
@@ -83,7 +87,7 @@ class _Evaluator:
             objective = values
         else:
             k, sign = self.target
-            objective = per_output.gather(1, k[:, None]).squeeze(1) * sign
+            objective = torch.where(sign != 0, per_output.gather(1, k[:, None]).squeeze(1) * sign, values)
         grad, = torch.autograd.grad(objective.sum(), x)
         return values.detach(), grad
 

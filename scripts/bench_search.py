@@ -1,0 +1,95 @@
+"""Disagreement search vs plain PGD vs uniform random sampling at an equal budget of model
+evaluations (forward+backward passes per point), on the shared pairs and derived copies.
+
+    python scripts/bench_search.py
+
+Prints a markdown table of found values and the ratios search / PGD and search / random.
+"""
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import diffprobe as dp
+from diffprobe.differences import get_difference
+from diffprobe.graph import compose, fit_region
+
+NETS = Path(__file__).resolve().parents[2] / "shared" / "nets"
+STEPS, RESTARTS = 100, 8
+
+
+def pgd(a, b, region, budget, seed, step=0.1):
+    """Fixed-step sign/normalised gradient ascent, no momentum, from random starts."""
+    pair = copy.deepcopy(compose(a, b, region)).double()
+    region = fit_region(region, pair.input_shape)
+    diff = get_difference("elementwise")
+    x = region.sample(RESTARTS, torch.Generator().manual_seed(seed))
+    lo, hi = region.bounding_box()
+    best = torch.tensor(-1.0, dtype=torch.float64)
+    for _ in range(budget // RESTARTS):
+        x = x.detach().requires_grad_(True)
+        values = diff(*pair.outputs(x))
+        grad, = torch.autograd.grad(values.sum(), x)
+        best = torch.maximum(best, values.max().detach())
+        if region.norm == 2.0:
+            direction = grad / grad.reshape(len(grad), -1).norm(dim=1).clamp_min(1e-30).reshape(-1, *[1] * (grad.dim() - 1))
+            x = region.project(x + step * region.eps * direction)
+        else:
+            x = region.project(x + step * (hi - lo) / 2 * grad.sign())
+    return best.item()
+
+
+def random_max(a, b, region, budget, seed):
+    pair = copy.deepcopy(compose(a, b, region)).double()
+    region = fit_region(region, pair.input_shape)
+    x = region.sample(budget, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return get_difference("elementwise")(*pair.outputs(x)).max().item()
+
+
+def derived(model, kind, seed=0):
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            if kind == "int8":  # symmetric per-tensor quantisation
+                scale = p.abs().max() / 127
+                p.copy_(torch.round(p / scale) * scale)
+            elif kind == "pruned":  # 20 % smallest weights set to zero
+                if p.dim() > 1:
+                    p.mul_(p.abs() > p.abs().flatten().kthvalue(int(0.2 * p.numel())).values)
+            elif kind == "noise":
+                p.mul_(1 + 0.01 * torch.randn(p.shape, generator=gen))
+    return other
+
+
+def cases():
+    load = lambda rel: dp.load_model(NETS / rel)
+    acas_a, acas_b = load("acasxu/ACASXU_run2a_1_1_batch_2000.nnet"), load("acasxu_fp16/ACASXU_run2a_1_1_batch_2000_16bit.nnet")
+    yield "ACAS N_1_1 vs fp16, property-1 box", acas_a, acas_b, dp.box_from_vnnlib(NETS / "acasxu/prop_1.vnnlib")
+    yield "ACAS N_1_1 vs fp16, L-inf 0.05 at 0", acas_a, acas_b, dp.LinfBall(torch.zeros(5), 0.05)
+    mnist = torch.from_numpy(np.load(NETS / "mnist_3x100/mnist_test_inputs.npy")[0])
+    m_a, m_b = load("mnist_3x100/mnist_relu_3_100.nnet"), load("mnist_3x100/mnist_relu_3_100_16bit.nnet")
+    yield "MNIST 3x100 vs fp16, L-inf 3/255", m_a, m_b, dp.LinfBall(mnist, 3 / 255, (0, 1))
+    yield "MNIST 3x100 vs fp16, L2 0.5", m_a, m_b, dp.L2Ball(mnist, 0.5, (0, 1))
+    har = torch.from_numpy(np.load(NETS / "har/har_test_inputs.npy")[0])
+    yield "HAR vs rounded, L-inf 0.1", load("har/HAR-trunc.onnx"), load("har/HAR-trunc-mirror.onnx"), dp.LinfBall(har, 0.1, (-1, 1))
+    fc = load("mnistfc/mnist-net_256x2.onnx")
+    for kind in ("int8", "pruned", "noise"):
+        yield f"mnistfc 256x2 vs {kind}, L-inf 0.03", fc, derived(fc, kind), dp.LinfBall(mnist, 0.03, (0, 1))
+
+
+def main():
+    print("| pair / region | budget | diffprobe search | PGD | random | search / PGD | search / random |")
+    print("|---|---|---|---|---|---|---|")
+    for name, a, b, region in cases():
+        found = dp.search(a, b, region, steps=STEPS, restarts=RESTARTS, seed=0)
+        budget = found.evaluations
+        p, r = pgd(a, b, region, budget, 0), random_max(a, b, region, budget, 0)
+        print(f"| {name} | {budget} | {found.found:.4g} | {p:.4g} | {r:.4g} | {found.found / p:.3f} "
+              f"| {found.found / r:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
