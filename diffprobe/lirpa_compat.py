@@ -108,16 +108,21 @@ def import_auto_lirpa():
     if _module is not None:
         return _module
     check_torch()
-    _patch_numpy()
-    _patch_torch()
-    try:
-        with _jit_settings_kept(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # its torch.jit.script use
-            import auto_LiRPA
-    except ImportError as exc:
-        raise DiffprobeError(
-            f"auto_LiRPA is not importable ({exc}); install it with: "
-            "pip install --no-deps auto-lirpa==0.3 appdirs tqdm") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script, used at import
+        _patch_numpy()
+        _patch_torch()
+        # auto_LiRPA calls warnings.simplefilter('once') at import, for the whole process
+        simplefilter, warnings.simplefilter = warnings.simplefilter, lambda *a, **k: None
+        try:
+            with _jit_settings_kept():
+                import auto_LiRPA
+        except ImportError as exc:
+            raise DiffprobeError(
+                f"auto_LiRPA is not importable ({exc}); install it with: "
+                "pip install --no-deps auto-lirpa==0.3 appdirs tqdm") from exc
+        finally:
+            warnings.simplefilter = simplefilter
     _patch_auto_lirpa(auto_LiRPA)
     _module = auto_LiRPA
     return _module

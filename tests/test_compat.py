@@ -21,6 +21,17 @@ def test_patches_are_in_place_and_settings_restored():
     assert after == before
 
 
+def test_import_keeps_the_callers_warning_filters():
+    import subprocess
+    import sys
+    code = ("import warnings; from diffprobe.lirpa_compat import import_auto_lirpa; "
+            "before = list(warnings.filters); import_auto_lirpa(); "
+            "assert warnings.filters == before, 'filters changed'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "DeprecationWarning" not in run.stderr
+
+
 def test_node_attribute_access_by_name():
     lirpa_compat.import_auto_lirpa()
     graph = torch.jit.trace(lambda x: torch.flatten(x, 1), torch.zeros(1, 2, 2)).graph
