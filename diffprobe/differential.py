@@ -108,7 +108,25 @@ def _diff_lines(l, u, lp, up, dl, du):
         lo_p, up_p = torch.where(mask, p, lo_p), torch.where(mask, p, up_p)
         lo_q, up_q = torch.where(mask, q, lo_q), torch.where(mask, q, up_q)
         lo_r, up_r = torch.where(mask, 0.0, lo_r), torch.where(mask, 0.0, up_r)
-    return lo_p, up_p, lo_q, up_q, lo_r, up_r
+    chord_gap = torch.where(crossing, -2 * dl * du / width, torch.maximum(dl.abs(), du.abs()))
+    for k in range(len(exact)):
+        chord_gap = torch.where(exact[k][0], zero, chord_gap)
+    return _prefer_independent(chord_gap, (lo_p, up_p, lo_q, up_q, lo_r, up_r), l, u, lp, up)
+
+
+def _triangle_gap(l, u):
+    return torch.where((l < 0) & (u > 0), -l * u / (u - l).clamp_min(1e-300), torch.zeros_like(l))
+
+
+def _prefer_independent(chord_gap, chord, l, u, lp, up):
+    """Per neuron, the independent relaxation E = relu(z') - relu(z) with z' = z + D where its
+    gap is smaller than the chords' (models that genuinely differ):
+    E >= a' (z + D) - (s z + t)  and  E <= s' (z + D) + t' - a z."""
+    a, s, t = _relu_lines(l, u)
+    ap, sp, tp = _relu_lines(lp, up)
+    independent = (ap, sp, ap - s, sp - a, -t, tp)
+    use = _triangle_gap(l, u) + _triangle_gap(lp, up) < chord_gap
+    return tuple(torch.where(use, i, c) for i, c in zip(independent, chord))
 
 
 def _pick(lam, if_pos, if_neg):
