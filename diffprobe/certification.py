@@ -113,6 +113,9 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
     witness = search(model_a, model_b, region, difference=diff, steps=search_steps,
                      restarts=search_restarts, seed=seed, threshold=threshold)
     state = _BranchAndBound(problem, spec, methods, region, pair64, diff, witness)
+    if method == "auto" and spec.kind == "elementwise" and "differential" not in methods:
+        state.notes.append("the two layer structures do not match (or are not Linear/ReLU chains): "
+                           "bounded on the composed graph, without the differential method")
     if time_budget and region.norm != 2.0:
         state.run(t0 + time_budget, threshold, tolerance, progress)
     return state.certificate(method if method != "auto" else "auto(" + "+".join(methods) + ")",
