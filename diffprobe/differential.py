@@ -19,7 +19,7 @@ from .layers import Elementwise, Reshape
 def affine_chain(model, input_numel):
     """[(W, b), ...] in float64 with a ReLU between consecutive entries, or None if `model` is not
     such a chain."""
-    layers, pending, relu_after = [], None, []
+    layers, relu_after = [], []
     size = input_numel
     modules = list(model) if isinstance(model, nn.Sequential) else None
     if modules is None:

@@ -43,7 +43,7 @@ def _step_scale(region, dtype):
 
 def starting_points(region, n, generator, starts=None):
     """The region centre, points on the surface or corners, random points, and given `starts`."""
-    center = (region.center if hasattr(region, "center") else None).unsqueeze(0)
+    center = region.center.unsqueeze(0)
     given = region.project(starts.to(torch.float64).reshape(-1, *region.shape)) if starts is not None else center[:0]
     rest = max(n - 1 - len(given), 0)
     return torch.cat([center, given, region.corners(rest // 3, generator),
