@@ -10,7 +10,8 @@ from .differences import get_difference
 from .errors import DiffprobeError, UnsupportedOperationError
 from .graph import DifferenceGraph, compose, fit_region
 from .results import Certificate, Verdict, provenance
-from .search import _progress, search
+from .progress import progress_bar
+from .search import search_pair
 
 _INF = float("inf")
 
@@ -110,8 +111,8 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
     spec = _Spec(diff, pair64, region)
     problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair.input_shape, spec.rows)
     methods = _methods_for(method, pair64, spec.graph_kind, time_budget)
-    witness = search(model_a, model_b, region, difference=diff, steps=search_steps,
-                     restarts=search_restarts, seed=seed, threshold=threshold)
+    witness = search_pair(pair64, diff, region, steps=search_steps, restarts=search_restarts,
+                          seed=seed, threshold=threshold)
     state = _BranchAndBound(problem, spec, methods, region, pair64, diff, witness)
     if method == "auto" and spec.kind == "elementwise" and "differential" not in methods:
         state.notes.append("the two layer structures do not match (or are not Linear/ReLU chains): "
@@ -137,7 +138,8 @@ class _BranchAndBound:
         self.pruned_upper = torch.full_like(self.upper[0], -_INF)
         self.pruned_max, self.branches = -_INF, 1
         if region.norm == 2.0:
-            self.notes.append("L2 regions are bounded in one pass (auto_LiRPA bounds the ball without its clip box)")
+            self.notes.append("L2 regions are bounded in one pass (ball bound intersected with the "
+                              "bounding-box bound); no branch-and-bound")
 
     @property
     def bound(self):
@@ -190,7 +192,7 @@ class _BranchAndBound:
         self.branches += len(new_lo)
 
     def run(self, deadline, threshold, tolerance, progress, batch=64, max_leaves=200_000):
-        with _progress(progress, None, desc="branch-and-bound") as bar:
+        with progress_bar(progress, None, desc="branch-and-bound") as bar:
             try:
                 while time.perf_counter() < deadline:
                     self._prune(self.found if threshold is None else max(self.found, threshold))

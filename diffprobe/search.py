@@ -15,6 +15,7 @@ import torch
 from .differences import get_difference
 from .errors import RegionError
 from .graph import compose, fit_region
+from .progress import progress_bar
 from .results import SearchResult, provenance
 
 
@@ -144,7 +145,7 @@ def _apgd(evaluate, region, x0, steps, threshold, progress):
     return best_x, best, trace, zero_grad
 
 
-def _random_search(evaluate, region, best_x, best, budget, generator, progress, batch=64):
+def _random_search(evaluate, region, best_x, best, budget, generator, batch=64):
     """Gradient-free: mutate the best point with shrinking noise, keep what improves (Square/DFlare
     spirit); also useful to notice gradient masking."""
     lo, hi = region.bounding_box()
@@ -162,7 +163,6 @@ def _random_search(evaluate, region, best_x, best, budget, generator, progress, 
         else:
             radius = max(radius * 0.7, 1e-4)
         trace.append(v_best.item())
-        progress(1)
     return x_best, v_best, trace
 
 
@@ -176,37 +176,43 @@ def search(model_a, model_b, region, *, difference="elementwise", steps=100, res
     for good starts and `random_fraction` goes to a gradient-free search afterwards, which takes
     the whole budget when the models' gradients are zero.
     """
-    t0 = time.perf_counter()
     if steps < 1 or restarts < 1:
         raise RegionError(f"steps and restarts must be >= 1 (got {steps}, {restarts})")
-    diff = get_difference(difference)
     pair = compose(model_a, model_b, region)
-    region = fit_region(region, pair.input_shape)
-    pair64 = copy.deepcopy(pair).double()
+    return search_pair(copy.deepcopy(pair).double(), get_difference(difference),
+                       fit_region(region, pair.input_shape), steps=steps, restarts=restarts, seed=seed,
+                       threshold=threshold, starts=starts, random_fraction=random_fraction,
+                       screen_fraction=screen_fraction, progress=progress)
+
+
+def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, starts=None,
+                random_fraction=0.1, screen_fraction=0.2, progress=False):
+    """`search` on an already composed float64 pair and a region in its input shape."""
+    t0 = time.perf_counter()
     evaluate = _Evaluator(pair64, diff)
     generator = torch.Generator().manual_seed(seed)
     screened = evaluate.screen(region, int(screen_fraction * steps * restarts), restarts // 2, generator)
     starts = screened if starts is None else torch.cat([starts.reshape(-1, *region.shape).double(), screened])
     x0 = starting_points(region, restarts, generator, starts)
     evaluate.aim(x0)
-    notes = []
-    with _progress(progress, steps) as bar:
+    notes, trace = [], []
+    with progress_bar(progress, steps) as bar:
         try:
             best_x, best, trace, zero_grad = _apgd(evaluate, region, x0, steps, threshold, bar.update)
             budget = int(random_fraction * steps * restarts) if not zero_grad else steps * restarts
             if zero_grad:
                 notes.append("gradients were zero at every start; used gradient-free search")
             if budget and (threshold is None or max(trace) <= threshold):
-                rx, rv, rtrace = _random_search(evaluate, region, best_x, best, budget, generator, lambda k: None)
+                rx, rv, rtrace = _random_search(evaluate, region, best_x, best, budget, generator)
                 if rv > best.max() + 1e-12 * max(1.0, abs(best.max().item())) and not zero_grad:
                     msg = (f"gradient-free search beat the gradient search ({rv.item():.4g} > "
                            f"{best.max().item():.4g}): gradients may be masked (rounded or quantised model)")
                     notes.append(msg)
-                    warnings.warn(msg, stacklevel=2)
+                    warnings.warn(msg, stacklevel=3)
                 best_x, best = torch.cat([best_x, rx]), torch.cat([best, rv.reshape(1)])
                 trace += [max(trace[-1], v) for v in rtrace]
         except KeyboardInterrupt:
-            notes.append("interrupted: the best point so far is reported")
+            notes.append("interrupted before the search finished: the best starting point is reported")
             best_x, best = x0, torch.full((x0.shape[0],), float("-inf"), dtype=torch.float64)
     return _witness_result(pair64, diff, region, best_x[best.argmax()], evaluate.count, seed,
                            trace, time.perf_counter() - t0, notes)
@@ -224,25 +230,3 @@ def _witness_result(pair64, diff, region, x, count, seed, trace, seconds, notes)
         output_a=a.reshape(-1).tolist(), output_b=b.reshape(-1).tolist(), evaluations=count,
         seed=seed, trace=trace, seconds=seconds, region=region.to_dict(), warnings=notes,
         provenance=provenance(seed))
-
-
-class _progress:
-    """A tqdm bar on stderr when enabled, else a no-op with the same interface."""
-
-    def __init__(self, enabled, total, desc="search"):
-        self.enabled, self.total, self.desc = enabled, total, desc
-
-    def __enter__(self):
-        if self.enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total, desc=self.desc, leave=False)
-        return self
-
-    def update(self, n=1):
-        if self.enabled:
-            self.bar.update(n)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.close()
-        return False
