@@ -11,12 +11,13 @@ from .errors import (CheckpointError, DataError, DiffprobeError, RegionError, Sh
 from .graph import compose
 from .loading import load_model
 from .regions import L2Ball, LinfBall, Box, ball, box_from_vnnlib
-from .results import Certificate, SearchResult, Verdict
+from .results import Certificate, DriftReport, SearchResult, Verdict
 from .search import search
 from .certification import certify
+from .drift import drift
 
 
-__all__ = ["search", "certify", "compose", "load_model", "Box", "LinfBall", "L2Ball", "ball",
+__all__ = ["search", "certify", "drift", "DriftReport", "compose", "load_model", "Box", "LinfBall", "L2Ball", "ball",
            "box_from_vnnlib", "Difference", "DIFFERENCES", "get_difference", "register_difference",
            "SearchResult", "Certificate", "Verdict", "DiffprobeError", "CheckpointError",
            "UnsafeCheckpointError", "ShapeMismatchError", "RegionError", "UnsupportedOperationError",

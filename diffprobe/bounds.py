@@ -38,7 +38,7 @@ class Problem:
 
     graph: DifferenceGraph
     module: object
-    spec: torch.Tensor  # [rows, graph outputs] or None for the outputs themselves
+    spec: torch.Tensor  # [rows, outputs] or [boxes, rows, outputs]; None: the outputs themselves
     dtype: torch.dtype = torch.float64
     differential: object = None  # the differential engine, built on first use
 
@@ -108,8 +108,9 @@ def _lirpa_bounds(problem, region, lo, hi, method):
 def _lirpa_call(problem, x, method):
     x = x.to(problem.dtype)
     spec = None
-    if problem.spec is not None:
-        spec = problem.spec.to(problem.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+    if problem.spec is not None:  # one spec for all boxes [rows, outputs], or one per box
+        spec = problem.spec.to(problem.dtype)
+        spec = spec.expand(x.shape[0], -1, -1) if spec.dim() == 2 or len(spec) == 1 else spec
     with traced(problem.dtype), _quiet_lirpa_logger():
         try:
             lower, upper = problem.module.compute_bounds(x=(x,), C=spec, method=method)

@@ -1,6 +1,7 @@
 """Certified bounds on how much two models can differ over a region, with input-split
 branch-and-bound that tightens the bound while a search raises the witness below it."""
 import copy
+import dataclasses
 import time
 
 import torch
@@ -17,32 +18,45 @@ _INF = float("inf")
 
 
 class _Spec:
-    """How a difference is bounded: the graph kind, the spec rows, and the scalar summary."""
+    """How a difference is bounded: the graph kind, the spec rows, and the scalar summary.
 
-    def __init__(self, difference, pair, region):
+    For top-1 the rows depend on model_a's label at each region's centre, so they are kept per
+    region ([n, rows, outputs]); one traced graph serves every label.
+    """
+
+    def __init__(self, difference, pair, centers):
         self.kind = difference.certify
         if not self.kind:
             raise UnsupportedOperationError(
                 [difference.name], what="certification",
                 hint="it is not certifiable with bound propagation; certify 'elementwise' or "
                      "'probability' instead, or use search for a lower bound")
-        self.graph_kind, self.rows, self.label = self.kind, None, None
+        self.graph_kind, self.rows = self.kind, None
         if self.kind == "top1":
-            self._top1_rows(pair, region)
+            self._top1_rows(pair, centers)
 
-    def _top1_rows(self, pair, region):
+    def _top1_rows(self, pair, centers):
         with torch.no_grad():
-            a, _ = pair.outputs(region.center.unsqueeze(0).to(torch.float64))
-        k, y = a.shape[1], int(a.argmax())
+            a, _ = pair.outputs(centers.to(torch.float64))
+        k, labels = a.shape[1], a.argmax(dim=1)
         eye = torch.eye(k, dtype=torch.float64)
-        keep = [j for j in range(k) if j != y]
-        margins = eye[keep] - eye[y]  # m_j - m_y for j != y
         pairs = torch.stack([eye[j] - eye[i] for j in range(k) for i in range(k) if i != j])
         zeros = lambda t: torch.zeros_like(t)
-        self.graph_kind, self.label, self.k = "stacked", y, k
-        # rows: model_a margins | model_b margins | model_b all pairwise differences
-        self.rows = torch.cat([torch.cat([margins, zeros(margins)], 1), torch.cat([zeros(margins), margins], 1),
-                               torch.cat([zeros(pairs), pairs], 1)])
+        per_label = []
+        for y in range(k):
+            margins = eye[[j for j in range(k) if j != y]] - eye[y]  # m_j - m_y for j != y
+            # rows: model_a margins | model_b margins | model_b all pairwise differences
+            per_label.append(torch.cat([torch.cat([margins, zeros(margins)], 1),
+                                        torch.cat([zeros(margins), margins], 1),
+                                        torch.cat([zeros(pairs), pairs], 1)]))
+        self.graph_kind, self.k, self.rows = "stacked", k, torch.stack(per_label)[labels]
+
+    def take(self, index):
+        """The spec of a subset of the regions."""
+        spec = copy.copy(self)
+        if self.rows is not None:
+            spec.rows = self.rows[index]
+        return spec
 
     def scalar(self, lower, upper):
         """The certified bound of the summary per box, from per-row bounds [n, rows]."""
@@ -61,6 +75,8 @@ class _Spec:
 
 def _bound_boxes(problem, spec, methods, region, lo, hi):
     """Per-row bounds of a batch of boxes: the intersection over `methods` (each is sound)."""
+    if spec.rows is not None:
+        problem = dataclasses.replace(problem, spec=spec.rows)
     lower, upper = None, None
     for name in methods:
         l, u = METHODS[name](problem, region, lo, hi)
@@ -71,15 +87,15 @@ def _bound_boxes(problem, spec, methods, region, lo, hi):
 
 def _methods_for(method, pair, kind, budget):
     """`auto`: CROWN, plus the differential bounds when the two layer structures match (the
-    intersection is never looser than either), plus alpha-CROWN for small single-pass problems."""
+    intersection is never looser than either), plus alpha-CROWN for small single-pass problems.
+    Cheapest first, so a caller with a threshold can stop once a box is verified."""
     if method == "auto":
         from .differential import matching_chains
-        methods = ["crown"]
         if kind == "elementwise" and matching_chains(pair) is not None:
-            methods.append("differential")
-        elif not budget and sum(p.numel() for p in pair.parameters()) <= 200_000:
-            methods.append("alpha-crown")
-        return methods
+            return ["differential", "crown"]
+        if not budget and sum(p.numel() for p in pair.parameters()) <= 200_000:
+            return ["crown", "alpha-crown"]
+        return ["crown"]
     if method not in METHODS:
         raise DiffprobeError(f"unknown method '{method}'; choose one of {', '.join(['auto', *METHODS])}")
     return [method]
@@ -108,8 +124,8 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
     pair = compose(model_a, model_b, region)
     region = fit_region(region, pair.input_shape)
     pair64 = copy.deepcopy(pair).double()
-    spec = _Spec(diff, pair64, region)
-    problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair.input_shape, spec.rows)
+    spec = _Spec(diff, pair64, region.center.unsqueeze(0))
+    problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair.input_shape)
     methods = _methods_for(method, pair64, spec.graph_kind, time_budget)
     witness = search_pair(pair64, diff, region, steps=search_steps, restarts=search_restarts,
                           seed=seed, threshold=threshold)
@@ -126,14 +142,15 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
 class _BranchAndBound:
     """Leaves of the input split; the bound is the max over leaves (and pruned leaves)."""
 
-    def __init__(self, problem, spec, methods, region, pair64, diff, witness):
+    def __init__(self, problem, spec, methods, region, pair64, diff, witness, initial=None):
         self.problem, self.spec, self.methods, self.region = problem, spec, methods, region
         self.pair64, self.diff = pair64, diff
         self.found, self.witness = witness.found, torch.tensor(witness.x, dtype=torch.float64)
         self.notes = list(witness.warnings)
         lo, hi = region.bounding_box()
         self.lo, self.hi = lo.unsqueeze(0), hi.unsqueeze(0)
-        self.lower, self.upper, self.scores = _bound_boxes(problem, spec, methods, region, self.lo, self.hi)
+        self.lower, self.upper, self.scores = initial or _bound_boxes(problem, spec, methods, region,
+                                                                      self.lo, self.hi)
         self.pruned_lower = torch.full_like(self.lower[0], _INF)
         self.pruned_upper = torch.full_like(self.upper[0], -_INF)
         self.pruned_max, self.branches = -_INF, 1

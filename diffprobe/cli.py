@@ -150,19 +150,86 @@ def _certify_command(name, doc, search_steps):
     @common_options
     @click.option("--method", type=click.Choice(METHOD_CHOICES), default="auto", show_default=True)
     @click.option("--threshold", type=float, help="verdict: verified if bound <= T, falsified if a witness exceeds T")
-    @click.option("--time-budget", type=float, help="seconds for branch-and-bound (off without it)")
+    @click.option("--time-budget", type=float, help="seconds for branch-and-bound (per point with --data; off without it)")
+    @data_options
     @_friendly
     def command(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
-                norm, clip, box, difference, seed, as_json, quiet, method, threshold, time_budget):
+                norm, clip, box, difference, seed, as_json, quiet, method, threshold, time_budget, data,
+                labels, top1, jobs, out, resume):
+        a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
+        if data:
+            return _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method,
+                          time_budget, jobs, out, resume, seed, search_steps, as_json, quiet)
+        if top1 or jobs > 1 or resume or labels:
+            raise RegionError("--top1, --jobs, --labels and --resume work with --data FILE")
         from . import certify
         from .report import certificate_text
-        a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
         region = make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
         result = certify(a, b, region, difference=difference, method=method, threshold=threshold,
                          time_budget=time_budget, seed=seed, search_steps=search_steps, progress=not quiet)
+        _save(result, out)
         emit(result, as_json, certificate_text(result))
         sys.exit(EXIT[result.verdict])
     return command
+
+
+def data_options(fn):
+    options = [
+        click.option("--data", type=click.Path(exists=True), help="certify around every point of a data file or folder"),
+        click.option("--labels", type=click.Path(dir_okay=False), help="labels for --data (else a 'y'/'labels' entry of it)"),
+        click.option("--top1", is_flag=True, help="certify top-1 label agreement around each point (threshold 0)"),
+        click.option("--jobs", type=int, default=1, show_default=True, help="worker processes for --data"),
+        click.option("--out", type=click.Path(dir_okay=False), help="write the result as JSON here (with --data, "
+                     "finished points also go to OUT's .jsonl while running)"),
+        click.option("--resume", is_flag=True, help="continue the --data run recorded next to --out"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method, time_budget, jobs,
+           out, resume, seed, search_steps, as_json, quiet):
+    import concurrent.futures
+    import multiprocessing
+    import os
+    from . import drift
+    from .data import load_tensor
+    from .report import drift_text
+    if resume and not out:
+        raise RegionError("--resume needs --out FILE (the run to continue is recorded next to it)")
+    if threshold is None and not top1:
+        raise RegionError("--data needs --threshold T (or --top1)")
+    executor = None
+    if jobs > 1:
+        executor = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        report = drift(a, b, data, labels=load_tensor(labels) if labels else None, eps=eps,
+                       norm=norm, clip=clip, threshold=threshold, difference=difference, top1=top1,
+                       method=method, time_budget_per_point=time_budget, executor=executor,
+                       threads_per_job=max(1, (os.cpu_count() or 1) // jobs) if executor else 0,
+                       search_steps=search_steps, seed=seed, checkpoint=checkpoint_path(out),
+                       resume=resume, progress=not quiet)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    _save(report, out)
+    emit(report, as_json, drift_text(report))
+    sys.exit(130 if report.total > len(report.points) else EXIT[report.verdict])
+
+
+def checkpoint_path(out):
+    """The JSON Lines record of finished points that sits next to --out."""
+    if not out:
+        return None
+    from pathlib import Path
+    return str(Path(out).with_suffix(".jsonl"))
+
+
+def _save(result, out):
+    if out:
+        with open(out, "w") as handle:
+            handle.write(result.to_json(indent=1))
 
 
 _certify_command("certify", "Bound how much MODEL_A and MODEL_B can differ over a region.", 50)
@@ -181,6 +248,20 @@ def demo(seed, eps, as_json, quiet):
     from .demo import run_demo
     report = run_demo(seed=seed, eps=eps, progress=not quiet)
     click.echo(json.dumps(report["json"]) if as_json else demo_text(report))
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default="report.html", show_default=True)
+@_friendly
+def report(files, out):
+    """Render saved results (--out JSON of search/certify/compare) as one HTML page with figures;
+    several drift reports at different eps also give the certified-bound-vs-eps curve."""
+    from .report import html_report, load_result
+    results = [load_result(f) for f in files]
+    with open(out, "w") as handle:
+        handle.write(html_report(results))
+    click.echo(f"wrote {out}")
 
 
 @main.command()

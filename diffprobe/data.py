@@ -26,6 +26,8 @@ def load_tensor(path, key=None):
     head = read_head(path, 8)
     try:
         if head.startswith(b"\x93NUMPY"):
+            if key is not None:
+                raise DataError(f"{path} holds one array, not a named '{key}'")
             import numpy as np
             array = np.load(path, allow_pickle=False)
             return _checked(torch.from_numpy(array), path)
@@ -44,6 +46,8 @@ def load_tensor(path, key=None):
         raise DataError(f"{path}: not a readable .npy/.npz/.pt/safetensors array file ({exc})") from exc
     if isinstance(obj, dict):
         obj = obj[_pick(list(obj), key, path)]
+    elif key is not None:
+        raise DataError(f"{path} holds one array, not a named '{key}'")
     if not isinstance(obj, torch.Tensor):
         raise DataError(f"{path} holds a {type(obj).__name__}, not a tensor")
     return _checked(obj, path)
@@ -62,8 +66,9 @@ def _pick(keys, key, path):
     for name in ("x", "X", "inputs", "data", "center"):
         if name in keys:
             return name
-    if len(keys) == 1:
-        return keys[0]
+    points = [k for k in keys if k not in _LABEL_KEYS]
+    if len(points) == 1:
+        return points[0]
     raise DataError(f"{path} holds several arrays ({', '.join(keys)}); name one with a key")
 
 
@@ -73,3 +78,41 @@ def _checked(t, path):
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
         raise DataError(f"{path} contains NaN or infinite values; clean the data first")
     return t.to(torch.float64) if t.is_floating_point() else t
+
+
+_LABEL_KEYS = ("y", "Y", "labels", "label", "targets")
+
+
+def load_points(path):
+    """(points, labels, sources) from a data file or folder.
+
+    An array file gives points [n, ...] and, for .npz/.pt/safetensors holding a 'y'/'labels'
+    entry, their labels; a .vnnlib file or a folder of them gives one box region each (sources
+    are the file names); a folder of array files gives their points concatenated.
+    """
+    from .regions import box_from_vnnlib
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{path} is an empty folder; put data files or .vnnlib files in it")
+        vnnlib = [p for p in files if p.suffix == ".vnnlib"]
+        if vnnlib:
+            return [box_from_vnnlib(p) for p in vnnlib], None, [p.name for p in vnnlib]
+        parts = [load_points(p) for p in files]
+        labels = [p[1] for p in parts]
+        labels = torch.cat(labels) if all(lab is not None for lab in labels) else None
+        return torch.cat([p[0] for p in parts]), labels, None
+    if path.suffix == ".vnnlib":
+        return [box_from_vnnlib(path)], None, [path.name]
+    return load_tensor(path), _labels_in(path), None
+
+
+def _labels_in(path):
+    """The labels stored next to the points in a multi-array file, if any."""
+    for key in _LABEL_KEYS:
+        try:
+            return load_tensor(path, key).reshape(-1).long()
+        except DataError:
+            continue
+    return None

@@ -225,7 +225,7 @@ class L2Ball:
 
 def ball(center, eps, norm="inf", clip=None):
     """An L-inf or L2 ball; `norm` is 'inf' or '2'."""
-    norm = str(norm).lower()
+    norm = str(norm).lower().removesuffix(".0")
     if norm in ("inf", "linf"):
         return LinfBall(center, eps, clip)
     if norm in ("2", "l2"):

@@ -42,3 +42,81 @@ def demo_text(report):
     lines += ["", "found: a witness input inside the ball (lower bound); certified: auto_LiRPA bound "
               "over the whole ball (upper bound)."]
     return "\n".join(lines)
+
+
+def drift_text(report):
+    c = report.counts
+    verdict = report.verdict.value if report.verdict else "-"
+    lines = [f"difference   {report.difference}",
+             f"region       {'L2' if report.norm.startswith('2') else 'L-inf'} ball of radius {report.eps} "
+             f"around each of {report.total} points" if report.eps is not None else
+             f"region       {report.total} given regions",
+             f"points       {len(report.points)} of {report.total} finished",
+             f"verdict      {verdict}" + (f"  at threshold {_fmt(report.threshold)}" if report.threshold is not None else ""),
+             f"counts       {c['verified']} verified, {c['falsified']} falsified, {c['unknown']} unknown",
+             f"worst bound  {_fmt(report.bound)}  (largest certified bound over the points)",
+             f"worst found  {_fmt(report.found)}  (largest witness value)"]
+    if report.accuracy_a is not None:
+        lines.append(f"accuracy     model_a {report.accuracy_a:.4f}, model_b {report.accuracy_b:.4f}")
+    if report.agreement is not None:
+        lines.append(f"agreement    {report.agreement:.4f} (same top-1 label at the data points)")
+    lines.append(f"seconds      {report.seconds:.1f}")
+    risky = [p for p in report.ranked(5) if p["verdict"] != "verified"]
+    if risky:
+        lines.append("riskiest     " + ", ".join(f"#{p['index']} {p['verdict']} (bound {p['bound']:.4g}, "
+                                                  f"found {p['found']:.4g})" for p in risky))
+    return "\n".join(lines + [f"note         {n}" for n in report.notes])
+
+
+def load_result(path):
+    """A saved result (SearchResult, Certificate or DriftReport JSON), its type told by its keys."""
+    import json
+    from .errors import DataError
+    from .results import Certificate, DriftReport, SearchResult
+    try:
+        with open(path) as handle:
+            text = handle.read()
+        data = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable diffprobe JSON result ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a diffprobe result (expected a JSON object)")
+    for cls, key in ((DriftReport, "points"), (Certificate, "gap_ratio"), (SearchResult, "evaluations")):
+        if key in data:
+            try:
+                return cls.from_json(text)
+            except TypeError as exc:
+                raise DataError(f"{path} looks like a {cls.__name__} but misses fields ({exc})") from exc
+    raise DataError(f"{path} is not a diffprobe result; save one with --out or result.to_json()")
+
+
+def html_report(results):
+    """One self-contained HTML page: each result's table and figures, plus the eps curve when
+    several drift reports are given."""
+    import html
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from .figures import eps_curve, png_base64, witness_gallery
+    from .results import DriftReport
+    parts = ["<html><head><meta charset='utf-8'><title>diffprobe report</title></head><body>",
+             "<h1>diffprobe report</h1>"]
+    drifts = [r for r in results if isinstance(r, DriftReport)]
+    if len({r.eps for r in drifts}) > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        eps_curve(drifts, ax)
+        parts += ["<h2>certified bound vs eps</h2>", _img(png_base64(fig))]
+    for r in results:
+        parts += [f"<h2>{html.escape(repr(r))}</h2>", r._repr_html_()]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        r.plot(ax=ax)
+        parts.append(_img(png_base64(fig)))
+        if isinstance(r, DriftReport):
+            gallery = witness_gallery(r.ranked(), r.input_shape)
+            if gallery is not None:
+                parts += ["<h3>witnesses of the riskiest points</h3>", _img(png_base64(gallery))]
+    return "\n".join(parts + ["</body></html>"])
+
+
+def _img(png):
+    return f"<img src='data:image/png;base64,{png}'/>"

@@ -134,13 +134,84 @@ class Certificate(_Result):
         """Per-output certified interval of the difference."""
         import matplotlib.pyplot as plt
         ax = ax or plt.gca()
-        k = range(len(self.lower))
-        ax.bar(k, [u - l for l, u in zip(self.lower, self.upper)], bottom=self.lower, alpha=0.6,
-               label="certified interval")
-        ax.axhline(0, color="black", lw=0.5)
+        from .figures import bars
+        bars(ax, self.lower, self.upper, "certified interval")
         if self.threshold is not None:
             ax.axhline(self.threshold, color="red", ls="--", label="threshold")
         ax.set_xlabel("output / spec row")
         ax.set_ylabel(self.difference)
         ax.legend()
         return ax
+
+
+_RISK = {"falsified": 0, "unknown": 1, None: 2, "verified": 3}
+
+
+@dataclass(frozen=True)
+class DriftReport(_Result):
+    """Per-point certified drift over a dataset: bound, witness value and verdict for each point,
+    the counts, the worst case, and both models' accuracy and agreement at the data points."""
+
+    difference: str
+    eps: Optional[float]
+    norm: str
+    threshold: Optional[float]
+    method: str
+    points: list  # dicts: index, bound, found, verdict, label_a, label_b, [label], witness, ...
+    counts: dict
+    total: int
+    bound: Optional[float]  # the worst certified bound over the points
+    found: Optional[float]  # the worst witness value over the points
+    verdict: Optional[Verdict]  # verified if every point is, falsified if any is, else unknown
+    accuracy_a: Optional[float]
+    accuracy_b: Optional[float]
+    agreement: Optional[float]
+    input_shape: list
+    seconds: float
+    notes: list = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        c = self.counts
+        verdict = f"{self.verdict.value}: " if self.verdict else ""
+        return (f"DriftReport({self.difference} over {len(self.points)}/{self.total} points, eps {self.eps}, {verdict}"
+                f"{c.get('verified', 0)} verified, {c.get('falsified', 0)} falsified, "
+                f"{c.get('unknown', 0)} unknown; worst bound {_g(self.bound)}, {self.seconds:.1f}s)")
+
+    def ranked(self, n=None):
+        """Points by risk: falsified (largest witness first), unknown (largest bound), verified."""
+        key = lambda p: (_RISK[p["verdict"]], -(p["found"] if p["verdict"] == "falsified" else p["bound"]))
+        return sorted(self.points, key=key)[:n]
+
+    def _rows(self):
+        return [("difference", self.difference), ("eps", self.eps), ("threshold", self.threshold),
+                ("points", f"{len(self.points)} of {self.total}"), *self.counts.items(),
+                ("verdict", self.verdict.value if self.verdict else "-"),
+                ("worst bound", _g(self.bound)), ("worst found", _g(self.found)),
+                ("accuracy a / b", f"{_g(self.accuracy_a)} / {_g(self.accuracy_b)}"),
+                ("top-1 agreement", _g(self.agreement)), ("seconds", f"{self.seconds:.1f}")]
+
+    def _repr_html_(self):
+        from .figures import thumbnail
+        rows = []
+        for p in self.ranked(8):
+            png = thumbnail(p["witness"], self.input_shape) if p.get("witness") else None
+            img = f"<img src='data:image/png;base64,{png}'/>" if png else ""
+            rows.append(f"<tr><td>{p['index']}</td><td>{p['verdict']}</td><td>{p['bound']:.4g}</td>"
+                        f"<td>{p['found']:.4g}</td><td>{img}</td></tr>")
+        riskiest = ("<table><tr><th>point</th><th>verdict</th><th>bound</th><th>found</th><th>witness</th></tr>"
+                    + "".join(rows) + "</table>")
+        return super()._repr_html_() + "<p>riskiest points</p>" + riskiest
+
+    def plot(self, ax=None):
+        """Histogram of the per-point certified bounds, coloured by verdict."""
+        import matplotlib.pyplot as plt
+        from .figures import verdict_histogram
+        ax = ax or plt.gca()
+        verdict_histogram(self.points, self.threshold, ax)
+        ax.set_title(f"drift at eps {self.eps}")
+        return ax
+
+
+def _g(v):
+    return "-" if v is None else f"{v:.4g}"

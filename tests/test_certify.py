@@ -51,7 +51,7 @@ def sandwich(model_a, model_b, region, method, difference="elementwise", n=3000)
     x = region.sample(n, torch.Generator().manual_seed(0)).reshape(n, *pair.input_shape)
     with torch.no_grad():
         per_output = get_difference(difference).per_output(*pair.outputs(x))
-    lower, upper = torch.tensor(cert.lower), torch.tensor(cert.upper)
+    lower, upper = (torch.tensor(v, dtype=torch.float64) for v in (cert.lower, cert.upper))
     slack = 1e-9 * (1 + upper.abs().max())
     if difference != "top1":
         assert (per_output >= lower - slack).all() and (per_output <= upper + slack).all()

@@ -1,0 +1,328 @@
+"""Certified drift over a dataset: one region per data point, a verdict per point.
+
+The work is cheapest-first: every point's region is bounded in one batch (regions stacked in the
+batch dimension, the cheap method first and the stronger ones only where the threshold is not yet
+met), the search runs only where the certificate fails, and branch-and-bound only for the points
+still undecided, within a per-point budget. Chunks of points are independent jobs for any
+`concurrent.futures.Executor`; finished points are appended to a JSON Lines checkpoint so an
+interrupted run keeps its work and `resume=True` continues it.
+"""
+import concurrent.futures
+import copy
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .bounds import build_problem
+from .certification import _BranchAndBound, _Spec, _bound_boxes, _methods_for, _verdict
+from .data import load_points
+from .differences import get_difference
+from .errors import DataError, RegionError
+from .graph import DifferenceGraph, compose, fit_region
+from .progress import progress_bar
+from .regions import ball
+from .results import DriftReport, Verdict, provenance
+from .search import search_pair
+
+_CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """Everything a chunk job needs besides the models and regions (also the checkpoint header)."""
+
+    difference: str
+    threshold: float = None
+    method: str = "auto"
+    time_budget: float = None
+    search_steps: int = 50
+    search_restarts: int = 8
+    seed: int = 0
+    eps: float = None
+    norm: str = "inf"
+    clip: tuple = None
+
+
+@dataclass
+class Job:
+    """A picklable unit of work: both models and a chunk of regions with their dataset indices."""
+
+    model_a: object
+    model_b: object
+    regions: list
+    indices: list
+    settings: DriftSettings
+    threads: int = 0
+
+
+def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, difference="elementwise",
+          top1=False, labels=None, method="auto", time_budget_per_point=None, clip=None, executor=None,
+          chunk_size=64, threads_per_job=0, search_steps=50, search_restarts=8, seed=0, checkpoint=None,
+          resume=False, progress=False):
+    """Certify, around every data point, that model_b's outputs stay within `threshold` of model_a's.
+
+    `data`: a tensor/array of points [n, *input shape], a data file or folder (see
+    `diffprobe.data.load_points`), or a list of regions (e.g. VNN-LIB boxes). With `eps`, each
+    point becomes a ball of that radius (`norm` inf or 2, intersected with `clip`). `top1=True`
+    certifies label agreement instead: the difference is the top-1 flip margin and the threshold
+    defaults to 0. `executor`: any `concurrent.futures.Executor` (a process pool, Dask's
+    `client.get_executor()`); chunks of `chunk_size` points are its jobs, each limited to
+    `threads_per_job` torch threads when given (so parallel jobs do not oversubscribe cores). `checkpoint`: a JSON
+    Lines file that receives each finished point; `resume=True` skips the points already in it.
+    Returns a `DriftReport`.
+    """
+    t0 = time.perf_counter()
+    if top1:
+        difference, threshold = "top1", 0.0 if threshold is None else threshold
+    diff = get_difference(difference)
+    points, labels, sources = _as_points(data, labels)
+    regions = _regions(model_a, model_b, points, eps, norm, clip)
+    settings = DriftSettings(diff.name, threshold, method, time_budget_per_point, search_steps,
+                             search_restarts, seed, eps, str(norm), list(clip) if clip else None)
+    header = {"diffprobe_drift": _CHECKPOINT_VERSION, "settings": asdict(settings), "points": len(regions),
+              "data": _fingerprint(regions)}
+    done = _read_checkpoint(checkpoint, header) if resume else {}
+    _start_checkpoint(checkpoint, header, done)
+    todo = [i for i in range(len(regions)) if i not in done]
+    jobs = [Job(model_a, model_b, [regions[i] for i in todo[s:s + chunk_size]], todo[s:s + chunk_size],
+                settings, threads_per_job) for s in range(0, len(todo), chunk_size)]
+    records, notes = dict(done), []
+    with progress_bar(progress, len(regions), desc="drift") as bar:
+        bar.update(len(done))
+        try:
+            for chunk in _run(jobs, executor):
+                _append(checkpoint, chunk)
+                records.update((r["index"], r) for r in chunk)
+                bar.update(len(chunk))
+        except KeyboardInterrupt:
+            notes.append(f"interrupted: {len(records)} of {len(regions)} points finished"
+                         + (f"; resume from {checkpoint}" if checkpoint else ""))
+    return _report(model_a, model_b, regions, records, labels, sources, settings, eps, norm, notes,
+                   time.perf_counter() - t0)
+
+
+def _run(jobs, executor):
+    """Chunk results as they finish: in this process, or through the executor."""
+    if executor is None:
+        for job in jobs:
+            yield run_chunk(job)
+        return
+    futures = [executor.submit(run_chunk, job) for job in jobs]
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            yield future.result()
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def _as_points(data, labels):
+    """(points tensor or list of regions, labels or None, source names or None)."""
+    sources = None
+    if isinstance(data, (str, Path)):
+        data, file_labels, sources = load_points(data)
+        labels = file_labels if labels is None else labels
+    if isinstance(data, (list, tuple)) and data and not isinstance(data[0], (int, float)):
+        if all(hasattr(r, "bounding_box") for r in data):
+            return list(data), _labels(labels, len(data)), sources
+        data = torch.stack([torch.as_tensor(p) for p in data])
+    points = torch.as_tensor(data)
+    if points.dim() == 0 or len(points) == 0:
+        raise DataError("the data holds no points; give an array of shape [n, *input shape]")
+    if points.is_floating_point() and not bool(torch.isfinite(points).all()):
+        raise DataError("the data contains NaN or infinite values; clean it first")
+    return points.to(torch.float64), _labels(labels, len(points)), sources
+
+
+def _labels(labels, n):
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels).reshape(-1).long()
+    if len(labels) != n:
+        raise DataError(f"{len(labels)} labels for {n} points; give one label per point")
+    return labels
+
+
+def _regions(model_a, model_b, points, eps, norm, clip):
+    if isinstance(points, list):
+        return points
+    if eps is None:
+        raise RegionError("drift over data points needs eps (the radius of the ball around each point)")
+    shape = compose(model_a, model_b).input_shape
+    n = 1
+    for s in shape:
+        n *= s
+    if points[0].numel() != n:
+        raise DataError(f"data points have {points[0].numel()} values but the models take inputs of "
+                        f"shape {list(shape)}; give data of shape [n, {', '.join(map(str, shape))}]")
+    return [ball(p.reshape(shape), eps, norm, clip) for p in points]
+
+
+def run_chunk(job):
+    """Per-point records for a chunk of regions (the executor's job function)."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    s = job.settings
+    diff = get_difference(s.difference)
+    pair64 = copy.deepcopy(compose(job.model_a, job.model_b, job.regions[0])).double()
+    regions = [fit_region(r, pair64.input_shape) for r in job.regions]
+    centers = torch.stack([r.center for r in regions]).to(torch.float64)
+    spec = _Spec(diff, pair64, centers)
+    problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair64.input_shape)
+    methods = _methods_for(s.method, pair64, spec.graph_kind, s.time_budget)
+    lower, upper, scores = _staged_bounds(problem, spec, methods, regions, s.threshold)
+    with torch.no_grad():
+        a, b = pair64.outputs(centers)
+        at_center = diff(a, b)
+    records = []
+    for i, region in enumerate(regions):
+        t0 = time.perf_counter()
+        initial = (lower[i:i + 1], upper[i:i + 1], scores[i:i + 1])
+        record = _point(pair64, diff, problem, spec.take([i]), methods, region, initial,
+                        at_center[i].item(), s)
+        classes = a.shape[1] > 1
+        record.update(index=job.indices[i], label_a=int(a[i].argmax()) if classes else None,
+                      label_b=int(b[i].argmax()) if classes else None,
+                      seconds=record["seconds"] + time.perf_counter() - t0)
+        records.append(record)
+    return records
+
+
+def _staged_bounds(problem, spec, methods, regions, threshold):
+    """Per-row bounds of every region, each method run only on the regions not yet verified.
+    Boxes and L-inf balls go in one batch; an L2 ball is bounded around its own centre."""
+    if any(r.norm == 2.0 for r in regions):
+        parts = [_staged_batch(problem, spec.take([i]), methods, r, *_boxes([r]), threshold)
+                 for i, r in enumerate(regions)]
+        return tuple(torch.cat(t) for t in zip(*parts))
+    return _staged_batch(problem, spec, methods, regions[0], *_boxes(regions), threshold)
+
+
+def _boxes(regions):
+    return (torch.stack([r.bounding_box()[0] for r in regions]),
+            torch.stack([r.bounding_box()[1] for r in regions]))
+
+
+def _staged_batch(problem, spec, methods, region, lo, hi, threshold):
+    lower = upper = scores = None
+    for name in methods:
+        todo = torch.arange(len(lo)) if scores is None or threshold is None else (scores > threshold).nonzero().reshape(-1)
+        if not len(todo):
+            break
+        l, u, _ = _bound_boxes(problem, spec.take(todo), [name], region, lo[todo], hi[todo])
+        if lower is None:
+            lower, upper = l, u
+        else:
+            lower[todo], upper[todo] = torch.maximum(lower[todo], l), torch.minimum(upper[todo], u)
+        scores = spec.scalar(lower, upper)
+    return lower, upper, scores
+
+
+def _point(pair64, diff, problem, spec, methods, region, initial, at_center, s):
+    """One point: its single-pass bound, then search and branch-and-bound only if undecided."""
+    t0 = time.perf_counter()
+    bound = initial[2].item()
+    record = {"bound": bound, "found": at_center, "witness": None, "branches": 1, "notes": []}
+    if s.threshold is not None and bound <= s.threshold and at_center <= s.threshold:
+        record.update(verdict=_verdict(bound, at_center, s.threshold).value, seconds=time.perf_counter() - t0)
+        return record
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kept per point in the notes; summarised in the report
+        witness = search_pair(pair64, diff, region, steps=s.search_steps, restarts=s.search_restarts,
+                              seed=s.seed, threshold=s.threshold)
+    state = _BranchAndBound(problem, spec, methods, region, pair64, diff, witness, initial)
+    if s.time_budget and region.norm != 2.0:
+        state.run(time.perf_counter() + s.time_budget, s.threshold, 0.05, False)
+    cert = state.certificate("", s.threshold, s.seed, 0.0)
+    verdict = cert.verdict.value if cert.verdict else None
+    record.update(bound=cert.bound, found=cert.found, witness=cert.witness, branches=cert.branches,
+                  notes=cert.notes, verdict=verdict, seconds=time.perf_counter() - t0)
+    return record
+
+
+def _fingerprint(regions):
+    """A digest of the regions, so a resumed run cannot mix results for other data."""
+    digest = hashlib.sha256()
+    for r in regions:
+        for t in r.bounding_box():
+            digest.update(t.to(torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _read_checkpoint(path, header):
+    """Finished points of an earlier run with the same settings and data, by index."""
+    if path is None or not Path(path).exists():
+        return {}
+    lines = Path(path).read_text().splitlines()
+    if _parsed(lines[0] if lines else "") != json.loads(json.dumps(header)):
+        raise DataError(f"{path} was written by a run with other settings or data; remove it or "
+                        "drop --resume to start over")
+    # a line cut short by a crash parses to nothing: that point runs again
+    records = [_parsed(line) for line in lines[1:]]
+    return {r["index"]: r for r in records if "index" in r}
+
+
+def _parsed(line):
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _start_checkpoint(path, header, done):
+    if path is None:
+        return
+    with open(path, "w") as handle:  # rewritten whole, so a torn last line is dropped
+        for line in [header, *done.values()]:
+            handle.write(json.dumps(line) + "\n")
+
+
+def _append(path, records):
+    if path is None:
+        return
+    with open(path, "a") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def _overall(counts, total, threshold):
+    if threshold is None:
+        return None
+    if counts["falsified"]:
+        return Verdict.FALSIFIED
+    return Verdict.VERIFIED if counts["verified"] == total else Verdict.UNKNOWN
+
+
+def _report(model_a, model_b, regions, records, labels, sources, settings, eps, norm, notes, seconds):
+    points = [records[i] for i in sorted(records)]
+    if sources is not None:
+        for p in points:
+            p["source"] = sources[p["index"]]
+    if labels is not None:
+        for p in points:
+            p["label"] = int(labels[p["index"]])
+    counts = {v: sum(p["verdict"] == v for p in points) for v in ("verified", "falsified", "unknown")}
+    masked = sum(any("gradients may be masked" in n for n in p["notes"]) for p in points)
+    if masked:
+        notes = notes + [f"gradient-free search beat the gradient search on {masked} points: gradients "
+                         "may be masked (rounded or quantised model)"]
+    done = len(points)
+    accuracy = lambda key: (sum(p[key] == p["label"] for p in points) / done) if labels is not None and done else None
+    return DriftReport(
+        difference=settings.difference, eps=eps, norm=str(norm), threshold=settings.threshold,
+        method=settings.method, points=points, counts=counts, total=len(regions),
+        bound=max((p["bound"] for p in points), default=None),
+        found=max((p["found"] for p in points), default=None),
+        verdict=_overall(counts, len(regions), settings.threshold),
+        accuracy_a=accuracy("label_a"), accuracy_b=accuracy("label_b"),
+        agreement=(sum(p["label_a"] == p["label_b"] for p in points) / done
+                   if done and points[0]["label_a"] is not None else None),
+        input_shape=list(regions[0].shape), seconds=seconds, notes=notes,
+        provenance=provenance(settings.seed, torch_dtype="float64"))
