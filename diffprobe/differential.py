@@ -181,27 +181,81 @@ class DifferentialBounds:
             lam = _pick(lam, lower, upper)
 
     @staticmethod
-    def _both_sides(fn, n, batch, dtype):
-        eye = torch.eye(n, dtype=dtype).expand(batch, n, n)
-        return fn(eye), -fn(-eye)
+    def _refined(fn, rows, lower, upper, chunk=4096):
+        """Interval bounds [B, n] tightened by back-substitution on the entries marked in `rows`
+        [B, n]. Each marked (box, neuron) is one single-row problem, so boxes with few unstable
+        neurons cost little however many another box has. `fn(spec, boxes)` bounds spec
+        [P, 1, n] over the given boxes."""
+        box, row = rows.nonzero(as_tuple=True)
+        lower, upper = lower.clone(), upper.clone()
+        for start in range(0, len(box), chunk):
+            b, r = box[start:start + chunk], row[start:start + chunk]
+            spec = torch.nn.functional.one_hot(r, lower.shape[1]).to(lower.dtype).unsqueeze(1)
+            lower[b, r] = torch.maximum(lower[b, r], fn(spec, b).squeeze(1))
+            upper[b, r] = torch.minimum(upper[b, r], -fn(-spec, b).squeeze(1))
+        return lower, upper
 
     @torch.no_grad()
     def bounds(self, lo, hi, spec=None):
-        """Lower/upper bounds of spec @ (model_b - model_a) over each box [B, n]."""
+        """Lower/upper bounds of spec @ (model_b - model_a) over each box [B, n].
+
+        Intermediate bounds start as intervals (exact for the first layer) and are tightened by
+        back-substitution only where the relaxation depends on them: neurons unstable in either
+        model, and differences whose ReLU pair is not stable in a known pattern. That is what makes
+        batches of many small regions cheap."""
         lo, hi = lo.reshape(len(lo), -1).double(), hi.reshape(len(hi), -1).double()
-        batch, dtype = lo.shape[0], lo.dtype
+        dtype = lo.dtype
         relax_a, relax_b, relax_d = [], [], []
+        h_a = h_b = (lo, hi)
+        e = (torch.zeros_like(lo), torch.zeros_like(lo))
         for k in range(len(self.a) - 1):
-            n = self.a[k][0].shape[0]
-            l, u = self._both_sides(lambda s: self.single_lower(self.a, s, k, lo, hi, relax_a), n, batch, dtype)
-            lp, up = self._both_sides(lambda s: self.single_lower(self.b, s, k, lo, hi, relax_b), n, batch, dtype)
-            dl, du = self._both_sides(lambda s: self.lower(s, k, lo, hi, relax_a, relax_d), n, batch, dtype)
+            (wa, ba), (wb, bb) = self.a[k], self.b[k]
+            l, u = _affine_interval(wa, ba, *h_a)
+            lp, up = _affine_interval(wb, bb, *h_b)
+            dl, du = _sum(_affine_interval(wb, torch.zeros_like(bb), *e), _affine_interval(wb - wa, bb - ba, *h_a))
+            if k > 0:  # the first layer's intervals are exact
+                l, u = self._refined(lambda s, i: self.single_lower(self.a, s, k, lo[i], hi[i], _take(relax_a, i)),
+                                     _unstable(l, u), l, u)
+                lp, up = self._refined(lambda s, i: self.single_lower(self.b, s, k, lo[i], hi[i], _take(relax_b, i)),
+                                       _unstable(lp, up), lp, up)
+                dl, du = torch.maximum(dl, lp - u), torch.minimum(du, up - l)
+                dl, du = self._refined(lambda s, i: self.lower(s, k, lo[i], hi[i], _take(relax_a, i), _take(relax_d, i)),
+                                       ~_exact_pattern(l, u, lp, up), dl, du)
             dl, du = torch.maximum(dl, lp - u), torch.minimum(du, up - l)
             relax_a.append(_relu_lines(l, u))
             relax_b.append(_relu_lines(lp, up))
             relax_d.append(_diff_lines(l, u, lp, up, dl, du))
+            h_a, h_b = (l.clamp_min(0), u.clamp_min(0)), (lp.clamp_min(0), up.clamp_min(0))
+            # E = relu(z') - relu(z) lies between min(D, 0) and max(D, 0) and in h'_k - h_k
+            e = (torch.maximum(dl.clamp_max(0), h_b[0] - h_a[1]), torch.minimum(du.clamp_min(0), h_b[1] - h_a[0]))
         k, n_out = len(self.a) - 1, self.a[-1][0].shape[0]
         spec = torch.eye(n_out, dtype=dtype) if spec is None else spec.to(dtype)
-        spec = spec.expand(batch, *spec.shape)
+        spec = spec.expand(lo.shape[0], *spec.shape)
         return (self.lower(spec, k, lo, hi, relax_a, relax_d),
                 -self.lower(-spec, k, lo, hi, relax_a, relax_d))
+
+
+def _take(relaxations, index):
+    """Each layer's relaxation tensors [B, n] restricted to the boxes in `index`."""
+    return [tuple(t[index] for t in layer) for layer in relaxations]
+
+
+def _affine_interval(w, b, lower, upper):
+    """Exact bounds of w x + b over the boxes [lower, upper] ([B, n] each)."""
+    mid, rad = (lower + upper) / 2, (upper - lower) / 2
+    center = mid @ w.T + b
+    spread = rad @ w.abs().T
+    return center - spread, center + spread
+
+
+def _sum(x, y):
+    return x[0] + y[0], x[1] + y[1]
+
+
+def _unstable(l, u):
+    return (l < 0) & (u > 0)
+
+
+def _exact_pattern(l, u, lp, up):
+    """Neuron pairs whose ReLU difference is linear in (z, D) without knowing D's bounds."""
+    return ~(_unstable(l, u) | _unstable(lp, up))

@@ -99,3 +99,47 @@ def test_untrusted_pickle_and_shape_mismatch(pair):
 def test_version_and_usage_error():
     assert run("--version").output.startswith("diffprobe, version")
     assert run("certify").exit_code == 2
+
+
+def test_certify_over_data_json_exit_codes_and_resume(pair):
+    np.savez(pair / "data.npz", x=np.random.default_rng(0).random((5, 3)), y=np.array([0, 1, 1, 0, 1]))
+    base = ["certify", pair / "a.pt", pair / "b.pt", "--arch", f"{__file__}:factory", "--data", pair / "data.npz",
+            "--eps", 0.05, "--json", "--quiet"]
+    ok = run(*base, "--threshold", 0.3, "--out", pair / "r.json")
+    assert ok.exit_code == 0, ok.output
+    out = json.loads(ok.stdout)
+    assert out["counts"] == {"verified": 5, "falsified": 0, "unknown": 0} and out["verdict"] == "verified"
+    assert [p["index"] for p in out["points"]] == list(range(5))
+    for key in ("bound", "found", "verdict"):
+        assert key in out["points"][0]
+    assert json.loads((pair / "r.json").read_text())["bound"] == out["bound"]
+    assert len((pair / "r.jsonl").read_text().splitlines()) == 6
+    again = run(*base, "--threshold", 0.3, "--out", pair / "r.json", "--resume")
+    assert again.exit_code == 0 and json.loads(again.stdout)["points"] == out["points"]
+    bad = run(*base, "--threshold", 0.1)
+    assert bad.exit_code == 10 and json.loads(bad.stdout)["counts"]["falsified"] == 5
+    top1 = run(*base, "--top1", "--jobs", 2)
+    assert top1.exit_code in (0, 5, 10) and json.loads(top1.stdout)["difference"] == "top1"
+    assert run(*base).exit_code == 1  # no threshold
+    assert "--resume needs --out" in run(*base, "--threshold", 1, "--resume").stderr
+
+
+def test_report_renders_saved_results(pair):
+    np.save(pair / "pts.npy", np.random.default_rng(0).random((4, 3)))
+    files = []
+    for eps in (0.05, 0.2):
+        f = pair / f"d{eps}.json"
+        r = run("certify", pair / "a.pt", pair / "b.pt", "--arch", f"{__file__}:factory", "--data",
+                pair / "pts.npy", "--eps", eps, "--threshold", 0.3, "--quiet", "--out", f)
+        assert r.exit_code == 0, r.output
+        files.append(f)
+    r = run("search", pair / "a.pt", pair / "b.pt", "--arch", f"{__file__}:factory", "--box", -1, 1, "--json", "--quiet")
+    (pair / "s.json").write_text(r.stdout)
+    files.append(pair / "s.json")
+    r = run("report", *files, "--out", pair / "report.html")
+    assert r.exit_code == 0, r.output
+    page = (pair / "report.html").read_text()
+    assert "certified bound vs eps" in page and page.count("<img") >= 4 and "SearchResult" in page
+    (pair / "junk.json").write_text("[1, 2]")
+    r = run("report", pair / "junk.json", "--out", pair / "x.html")
+    assert r.exit_code == 1 and "not a diffprobe result" in r.stderr
