@@ -82,6 +82,8 @@ def _bound_boxes(problem, spec, methods, region, lo, hi):
         l, u = METHODS[name](problem, region, lo, hi)
         lower = l if lower is None else torch.maximum(lower, l)
         upper = u if upper is None else torch.minimum(upper, u)
+    if spec.kind == "probability":  # a difference of probabilities lies in [-1, 1] whatever the method
+        lower, upper = lower.clamp(-1.0, 1.0), upper.clamp(-1.0, 1.0)
     return lower, upper, spec.scalar(lower, upper)
 
 

@@ -68,6 +68,8 @@ def common_options(fn):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout"),
         click.option("--quiet", is_flag=True, help="no progress on stderr"),
+        click.option("--mlflow", "to_mlflow", is_flag=True,
+                     help="also log the result to MLflow (active tracking settings)"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -108,7 +110,10 @@ def make_region(model_a, model_b, vnnlib, center, index, eps, norm, clip, box):
     return ball(points.reshape(shape).double(), eps, norm, clip)
 
 
-def emit(result, as_json, text):
+def emit(result, as_json, text, to_mlflow=False):
+    if to_mlflow:
+        from .tracking import log_to_mlflow
+        log_to_mlflow(result)
     click.echo(result.to_json() if as_json else text)
 
 
@@ -128,7 +133,7 @@ def main():
 @click.option("--save-witness", type=click.Path(dir_okay=False), help="write the witness as .npy")
 @_friendly
 def search(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
-           norm, clip, box, difference, seed, as_json, quiet, steps, restarts, threshold, save_witness):
+           norm, clip, box, difference, seed, as_json, quiet, to_mlflow, steps, restarts, threshold, save_witness):
     """Find the input in a region where MODEL_A and MODEL_B disagree most."""
     from . import search as run_search
     from .report import search_text
@@ -139,7 +144,7 @@ def search(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib
     if save_witness:
         import numpy as np
         np.save(save_witness, result.witness().numpy())
-    emit(result, as_json, search_text(result))
+    emit(result, as_json, search_text(result), to_mlflow)
     sys.exit(10 if threshold is not None and result.found > threshold else 0)
 
 
@@ -154,12 +159,12 @@ def _certify_command(name, doc, search_steps):
     @data_options
     @_friendly
     def command(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
-                norm, clip, box, difference, seed, as_json, quiet, method, threshold, time_budget, data,
-                labels, top1, jobs, out, resume):
+                norm, clip, box, difference, seed, as_json, quiet, to_mlflow, method, threshold, time_budget,
+                data, labels, top1, jobs, out, resume):
         a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
         if data:
             return _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method,
-                          time_budget, jobs, out, resume, seed, search_steps, as_json, quiet)
+                          time_budget, jobs, out, resume, seed, search_steps, as_json, quiet, to_mlflow)
         if top1 or jobs > 1 or resume or labels:
             raise RegionError("--top1, --jobs, --labels and --resume work with --data FILE")
         from . import certify
@@ -168,7 +173,7 @@ def _certify_command(name, doc, search_steps):
         result = certify(a, b, region, difference=difference, method=method, threshold=threshold,
                          time_budget=time_budget, seed=seed, search_steps=search_steps, progress=not quiet)
         _save(result, out)
-        emit(result, as_json, certificate_text(result))
+        emit(result, as_json, certificate_text(result), to_mlflow)
         sys.exit(EXIT[result.verdict])
     return command
 
@@ -189,7 +194,7 @@ def data_options(fn):
 
 
 def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method, time_budget, jobs,
-           out, resume, seed, search_steps, as_json, quiet):
+           out, resume, seed, search_steps, as_json, quiet, to_mlflow):
     import concurrent.futures
     import multiprocessing
     import os
@@ -214,7 +219,7 @@ def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, met
         if executor is not None:
             executor.shutdown(cancel_futures=True)
     _save(report, out)
-    emit(report, as_json, drift_text(report))
+    emit(report, as_json, drift_text(report), to_mlflow)
     sys.exit(130 if report.total > len(report.points) else EXIT[report.verdict])
 
 

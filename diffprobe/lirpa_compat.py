@@ -8,6 +8,7 @@ the library; `traced()` wraps every call that traces a model.
 import contextlib
 import functools
 import sys
+import threading
 import types
 import warnings
 
@@ -128,6 +129,11 @@ def import_auto_lirpa():
     return _module
 
 
+# the settings below are process-wide, so threads (a thread pool, Dask's in-process workers) take
+# turns: without the lock one thread's restore would undo another's set and leak float64
+_GLOBAL_SETTINGS = threading.RLock()
+
+
 @contextlib.contextmanager
 def traced(dtype=torch.float32):
     """Run auto_LiRPA code (tracing, bounding) without leaking its global settings.
@@ -136,11 +142,12 @@ def traced(dtype=torch.float32):
     certificate to float32; the default dtype is therefore set to `dtype` inside and restored.
     """
     import_auto_lirpa()
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with _jit_settings_kept(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        torch.set_default_dtype(default)
+    with _GLOBAL_SETTINGS:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with _jit_settings_kept(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                yield
+        finally:
+            torch.set_default_dtype(default)

@@ -44,3 +44,10 @@ def examples(n):
     """Hypothesis example count; DIFFPROBE_SOUNDNESS_FACTOR=20 runs the soundness tests 20x longer."""
     import os
     return n * int(os.environ.get("DIFFPROBE_SOUNDNESS_FACTOR", "1"))
+
+
+@pytest.fixture(autouse=True)
+def _default_dtype_is_restored(request):
+    before = torch.get_default_dtype()
+    yield
+    assert torch.get_default_dtype() == before, f"{request.node.nodeid} leaked default dtype"

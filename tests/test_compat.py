@@ -53,3 +53,19 @@ def test_alpha_crown_with_mostly_unstable_relus():
     a, b = mlp([6, 40, 40, 2], 0), mlp([6, 40, 40, 2], 1)
     cert = certify(a, b, LinfBall(torch.zeros(6), 3.0), method="alpha-crown")
     assert cert.bound >= cert.found
+
+
+def test_traced_is_safe_across_threads():
+    import concurrent.futures
+    from diffprobe.lirpa_compat import traced
+    before = torch.get_default_dtype()
+
+    def inside(_):
+        with traced(torch.float64):
+            seen = torch.get_default_dtype()
+            torch.zeros(1000).sum()  # give the other threads a chance to interleave
+            return seen
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert set(pool.map(inside, range(64))) == {torch.float64}
+    assert torch.get_default_dtype() == before

@@ -162,3 +162,35 @@ def test_data_files_with_labels_and_vnnlib_folders(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="empty folder"):
         drift(a, b, empty, eps=0.1, threshold=1.0)
+
+
+def test_ctrl_c_keeps_finished_points_and_resume_completes(tmp_path, monkeypatch):
+    import importlib
+    drift_module = importlib.import_module("diffprobe.drift")  # the package exports the function under this name
+    a, b = mlp([4, 6, 2], 0), mlp([4, 6, 2], 1)
+    points = torch.rand(6, 4, dtype=torch.float64)
+    real, calls = drift_module.run_chunk, []
+
+    def interrupted_second_chunk(job):
+        calls.append(job)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(drift_module, "run_chunk", interrupted_second_chunk)
+    path = tmp_path / "run.jsonl"
+    partial = drift(a, b, points, eps=0.05, threshold=0.5, chunk_size=2, checkpoint=path)
+    assert len(partial.points) == 2 and partial.total == 6 and "interrupted" in partial.notes[0]
+    monkeypatch.setattr(drift_module, "run_chunk", real)
+    done = drift(a, b, points, eps=0.05, threshold=0.5, chunk_size=2, checkpoint=path, resume=True)
+    fresh = drift(a, b, points, eps=0.05, threshold=0.5, chunk_size=2)
+    assert [p["bound"] for p in done.points] == [p["bound"] for p in fresh.points]
+
+
+def test_html_repr_shows_the_riskiest_points_with_thumbnails():
+    a = mlp([16, 8, 3], 0)
+    b = shifted(a, 0.3)
+    report = drift(a, b, torch.rand(3, 16, dtype=torch.float64), eps=0.1, threshold=0.1)
+    page = report._repr_html_()
+    assert "riskiest points" in page and page.count("<img") == 3 and "falsified" in page
+    assert repr(report).startswith("DriftReport(elementwise over 3/3 points")
