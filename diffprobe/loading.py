@@ -171,10 +171,10 @@ def _load_state(model, state, path):
         "check --arch and its kwargs")
 
 
-def build_arch(spec, kwargs=None):
-    """Call the factory named by 'pkg.module:factory' or 'path/file.py:factory'."""
-    if ":" not in spec:
-        raise CheckpointError(f"--arch '{spec}' must look like module:factory or path/file.py:factory")
+def resolve_callable(spec, option="--arch"):
+    """The object named by 'pkg.module:name' or 'path/file.py:name'."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise CheckpointError(f"{option} '{spec}' must look like module:name or path/file.py:name")
     where, name = spec.rsplit(":", 1)
     try:
         if where.endswith(".py"):
@@ -183,9 +183,14 @@ def build_arch(spec, kwargs=None):
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
-        factory = getattr(module, name)
+        return getattr(module, name)
     except (ImportError, FileNotFoundError, AttributeError) as exc:
-        raise CheckpointError(f"--arch '{spec}': cannot find the factory ({exc})") from exc
+        raise CheckpointError(f"{option} '{spec}': cannot find it ({exc})") from exc
+
+
+def build_arch(spec, kwargs=None):
+    """Call the factory named by 'pkg.module:factory' or 'path/file.py:factory'."""
+    factory = resolve_callable(spec)
     if isinstance(kwargs, str):
         kwargs = json.loads(kwargs)
     model = factory(**(kwargs or {}))
