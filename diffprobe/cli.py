@@ -270,11 +270,71 @@ def report(files, out):
 
 
 @main.command()
+@click.option("--trainer", default="diffprobe.trainers:digits", show_default=True,
+              help="train(config) -> model, as module:function or path/file.py:function")
+@click.option("--axes", default="seed,bootstrap,lr", show_default=True,
+              help="comma-separated: seed, data_order, bootstrap, lr, momentum, or KEY=V1:V2:... for a config key of yours")
+@click.option("--members", type=int, default=4, show_default=True, help="members per axis")
+@click.option("--data", type=click.Path(exists=True), help="held-out inputs (default: the trainer's heldout())")
+@click.option("--eps", type=float, default=0.05, show_default=True, help="radius of the worst-case balls")
+@click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True)
+@click.option("--clip", type=float, nargs=2, default=(0.0, 1.0), show_default=True)
+@click.option("--regions", type=int, default=5, show_default=True, help="held-out points with a worst-case ball (0: sampled distances only)")
+@click.option("--rank-by", type=click.Choice(["kl", "js", "disagreement", "found", "certified"]), default="js", show_default=True)
+@click.option("--jobs", type=int, default=1, show_default=True, help="worker processes for training")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="write the study as JSON; trained members go to OUT's .members folder")
+@click.option("--resume", is_flag=True, help="reuse the members already trained for --out")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
 @_friendly
-def stability():
-    """Trainer stability studies (planned; see the project's issue tracker)."""
-    raise DiffprobeError("'stability' is not implemented yet; use the Python API search/certify on your "
-                         "ensemble members meanwhile")
+def stability(trainer, axes, members, data, eps, norm, clip, regions, rank_by, jobs, seed, out, resume,
+              as_json, quiet):
+    """How far apart do models trained with perturbed initial conditions land? Trains MEMBERS
+    models per axis, measures pairwise distances, ranks the axes by spread."""
+    import concurrent.futures
+    import multiprocessing
+    import shutil
+    from pathlib import Path
+    from . import stability as run_study
+    from .report import stability_text
+    if resume and not out:
+        raise RegionError("--resume needs --out FILE (the members are kept next to it)")
+    members_dir = Path(out).with_suffix(".members") if out else None
+    if members_dir and members_dir.exists() and not resume:
+        shutil.rmtree(members_dir)
+    executor = (concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+                if jobs > 1 else None)
+    try:
+        study = run_study(trainer, axes=parse_axes(axes), members=members, heldout=data, eps=eps, norm=norm,
+                          clip=clip, regions=regions, rank_by=rank_by, executor=executor,
+                          members_dir=members_dir, seed=seed, progress=not quiet)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    _save(study, out)
+    emit(study, as_json, stability_text(study))
+
+
+def parse_axes(text):
+    """'seed,lr,width=16:32:64' -> ['seed', 'lr', ('width', [16, 32, 64])]."""
+    axes = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "=" in item:
+            name, values = item.split("=", 1)
+            axes.append((name, [_scalar(v) for v in values.split(":")]))
+        else:
+            axes.append(item)
+    if not axes:
+        raise RegionError("--axes names no axis; e.g. --axes seed,bootstrap,lr")
+    return axes
+
+
+def _scalar(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 if __name__ == "__main__":

@@ -120,3 +120,21 @@ def html_report(results):
 
 def _img(png):
     return f"<img src='data:image/png;base64,{png}'/>"
+
+
+def stability_text(study):
+    metrics = list(next(iter(study.spread.values())))
+    lines = [f"members      {study.members} per axis, ranked by {study.rank_by} (mean pairwise distance, 95 % CI)",
+             f"{'axis':<12}" + "".join(f"{m:>26}" for m in metrics)]
+    for axis in study.ranking:
+        cells = "".join(f"{_fmt_ci(study.spread[axis][m]):>26}" for m in metrics)
+        lines.append(f"{axis:<12}{cells}")
+    if study.regions:
+        lines.append(f"found/certified: max |b - a| over L-{'inf' if study.norm == 'inf' else study.norm} balls "
+                     f"of radius {study.eps} around {study.regions} held-out points")
+    lines.append(f"seconds      {study.seconds:.1f}")
+    return "\n".join(lines + [f"note         {n}" for n in study.notes])
+
+
+def _fmt_ci(s):
+    return f"{s['mean']:.3g} [{s['low']:.3g}, {s['high']:.3g}]"

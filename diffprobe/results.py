@@ -215,3 +215,138 @@ class DriftReport(_Result):
 
 def _g(v):
     return "-" if v is None else f"{v:.4g}"
+
+
+@dataclass(frozen=True)
+class StabilityStudy(_Result):
+    """Pairwise distances between members trained along each axis, their spread with bootstrap
+    confidence intervals, and the axes ranked by spread."""
+
+    axes: list
+    members: int
+    base: dict
+    values: dict  # axis -> the value of each member
+    distances: dict  # axis -> metric -> [members x members]
+    spread: dict  # axis -> metric -> {"mean", "low", "high"}
+    ranking: list
+    rank_by: str
+    eps: float
+    norm: str
+    regions: int
+    seconds: float
+    notes: list = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        order = " > ".join(f"{a} ({self.spread[a][self.rank_by]['mean']:.3g})" for a in self.ranking)
+        return f"StabilityStudy({self.members} members per axis; by {self.rank_by}: {order}; {self.seconds:.1f}s)"
+
+    def _rows(self):
+        metrics = list(next(iter(self.spread.values())))
+        return [(a, ", ".join(f"{m} {self.spread[a][m]['mean']:.3g} [{self.spread[a][m]['low']:.3g}, "
+                              f"{self.spread[a][m]['high']:.3g}]" for m in metrics)) for a in self.ranking]
+
+    def plot(self, metric=None, ax=None):
+        """Spread per axis (mean pairwise distance) with its 95 % bootstrap interval."""
+        import matplotlib.pyplot as plt
+        metric = metric or self.rank_by
+        ax = ax or plt.gca()
+        means = [self.spread[a][metric]["mean"] for a in self.ranking]
+        err = [[m - self.spread[a][metric]["low"] for a, m in zip(self.ranking, means)],
+               [self.spread[a][metric]["high"] - m for a, m in zip(self.ranking, means)]]
+        ax.bar(self.ranking, means, yerr=err, capsize=4, alpha=0.7)
+        ax.set_ylabel(f"mean pairwise {metric}")
+        ax.set_title("spread per axis (95 % bootstrap CI)")
+        return ax
+
+    def plot_matrices(self, metric=None):
+        """One heatmap of the pairwise distance matrix per axis; returns the figure."""
+        import matplotlib.pyplot as plt
+        metric = metric or self.rank_by
+        fig, axes = plt.subplots(1, len(self.axes), figsize=(3.2 * len(self.axes), 3), squeeze=False)
+        for ax, axis in zip(axes[0], self.axes):
+            image = ax.imshow(self.distances[axis][metric], cmap="viridis")
+            ax.set_title(f"{axis}: {metric}", fontsize=9)
+            labels = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in self.values[axis]]
+            ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+            fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.tight_layout()
+        return fig
+
+
+@dataclass(frozen=True)
+class StructuralStability(_Result):
+    """Drift of one model against perturbed copies of itself, per perturbation kind and scale."""
+
+    kinds: list
+    scales: list
+    samples: int
+    curves: dict  # kind -> [{"scale", "kl", "js", "disagreement", "found", "certified"}]
+    eps: float
+    regions: int
+    seconds: float
+    provenance: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        top = {k: rows[-1] for k, rows in self.curves.items()}
+        parts = ", ".join(f"{k} {r.get('certified', r['kl']):.3g}" for k, r in top.items())
+        what = "certified" if self.regions else "KL"
+        return f"StructuralStability({what} drift at scale {self.scales[-1]}: {parts}; {self.seconds:.1f}s)"
+
+    def _rows(self):
+        return [(f"{k} @ {r['scale']}", ", ".join(f"{m} {v:.3g}" for m, v in r.items() if m != "scale"))
+                for k, rows in self.curves.items() for r in rows]
+
+    def plot(self, ax=None):
+        """Found (dashed) and certified (solid) worst-case drift against the perturbation scale."""
+        import matplotlib.pyplot as plt
+        ax = ax or plt.gca()
+        for kind, rows in self.curves.items():
+            scales = [r["scale"] for r in rows]
+            if self.regions:
+                line, = ax.plot(scales, [r["certified"] for r in rows], "o-", label=f"{kind} certified")
+                ax.plot(scales, [r["found"] for r in rows], "^--", color=line.get_color(), label=f"{kind} found")
+            else:
+                ax.plot(scales, [r["kl"] for r in rows], "o-", label=f"{kind} KL")
+        ax.set_xlabel("perturbation scale")
+        ax.set_ylabel("max |b - a| over the balls" if self.regions else "KL")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        return ax
+
+
+@dataclass(frozen=True)
+class CapabilityStudy(_Result):
+    """Per optimiser: capability, mesa capability, alignment, their robustness under perturbations,
+    and the recorded trajectories."""
+
+    optimisers: dict  # name -> capability, mesa_capability, alignment, robustness, losses, ...
+    perturbations: dict
+    seconds: float
+    provenance: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        parts = ", ".join(f"{n}: C {o['capability']:.3g}, C_mesa {o['mesa_capability']:.3g}, "
+                          f"alpha {o['alignment']:.3g}" for n, o in self.optimisers.items())
+        return f"CapabilityStudy({parts})"
+
+    def _rows(self):
+        return [(n, f"C {o['capability']:.4g}, C_mesa {o['mesa_capability']:.4g}, alpha {o['alignment']:.4g}, "
+                    + ", ".join(f"|dC| {p} {v:.3g}" for p, v in o["robustness"].items()))
+                for n, o in self.optimisers.items()]
+
+    def plot(self, ax=None, which="losses"):
+        """The recorded trajectories: `losses` (base objective), `grad_norms` (mesa objective)
+        or `heldout_losses`."""
+        import matplotlib.pyplot as plt
+        ax = ax or plt.gca()
+        for name, o in self.optimisers.items():
+            if o.get(which):
+                ax.plot(o[which], label=name)
+        ax.set_xlabel("recorded step")
+        ax.set_ylabel(which.replace("_", " "))
+        ax.set_yscale("log")
+        ax.legend()
+        return ax

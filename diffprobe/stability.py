@@ -1,0 +1,283 @@
+"""Trainer stability: train an ensemble that varies one axis at a time, measure how far apart the
+members land in function space, and rank the axes by that spread.
+
+Distances between two members on held-out data: sampled KL / JS / top-1 disagreement (the usual
+average-case proxies), and what diffprobe adds: the worst case found by search and the certified
+bound over small balls around held-out points. Structural stability asks the same of one model
+under perturbations of its own parameters (dropout masks, DropConnect, Gaussian weight noise).
+"""
+import copy
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import load_points
+from .errors import DataError, DiffprobeError
+from .loading import resolve_callable
+from .progress import progress_bar
+from .results import StabilityStudy, StructuralStability, provenance
+
+AXES = ("seed", "data_order", "bootstrap", "lr", "momentum")
+SAMPLED = ("kl", "js", "disagreement")
+WORST = ("found", "certified")
+
+
+def axis_values(axis, members, base):
+    """The values one axis takes across `members` members, everything else at `base`."""
+    if isinstance(axis, tuple):  # user-defined: (name, [values]), one member per value
+        return list(axis[1])
+    if axis in ("seed", "data_order"):
+        return [int(base.get(axis) or 0) + i for i in range(members)]
+    if axis == "bootstrap":
+        return list(range(members))
+    if axis == "lr":  # log-spaced within +-20 %: "slightly different hyperparameters"
+        lr = float(base.get("lr", 0.05))
+        return [lr * math.exp(0.2 * (2 * i / max(members - 1, 1) - 1)) for i in range(members)]
+    if axis == "momentum":
+        m = float(base.get("momentum", 0.9))
+        return [min(max(m + 0.05 * (2 * i / max(members - 1, 1) - 1), 0.0), 0.99) for i in range(members)]
+    raise DiffprobeError(f"unknown axis '{axis}'; use {', '.join(AXES)} or give (name, [values]) "
+                         "for one of your trainer's own config keys")
+
+
+def _axis_name(axis):
+    return axis[0] if isinstance(axis, tuple) else axis
+
+
+def _train_member(trainer, config):
+    """Executor job: one trained member (the trainer is a callable or 'module:function')."""
+    train = resolve_callable(trainer, "--trainer") if isinstance(trainer, str) else trainer
+    torch.manual_seed(0)  # trainers that forget to seed still get the same member twice
+    model = train(dict(config))
+    if not isinstance(model, nn.Module):
+        raise DiffprobeError(f"the trainer returned a {type(model).__name__}, not an nn.Module")
+    return model.eval()
+
+
+class _MemberStore:
+    """Trained members by config, saved as safetensors beside the study when the trainer can
+    rebuild its architecture (so an interrupted study resumes without retraining)."""
+
+    def __init__(self, folder, trainer):
+        self.folder = Path(folder) if folder else None
+        self.rebuild = getattr(_resolved(trainer), "architecture", None)
+        self.models = {}
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key):
+        import hashlib
+        return self.folder / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".safetensors")
+
+    def get(self, key, config):
+        if key in self.models:
+            return self.models[key]
+        if self.folder and self.rebuild and self._path(key).exists():
+            from safetensors.torch import load_file
+            model = self.rebuild(dict(config))
+            model.load_state_dict(load_file(str(self._path(key))))
+            self.models[key] = model.eval()
+        return self.models.get(key)
+
+    def put(self, key, model):
+        self.models[key] = model
+        if self.folder and self.rebuild:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(self._path(key)))
+
+
+def _resolved(trainer):
+    return resolve_callable(trainer, "--trainer") if isinstance(trainer, str) else trainer
+
+
+def stability(trainer, *, axes=("seed", "bootstrap", "lr"), members=4, base=None, heldout=None,
+              eps=0.05, norm="inf", clip=(0.0, 1.0), regions=5, worst_case=True, search_steps=30,
+              rank_by="js", executor=None, members_dir=None, seed=0, progress=False):
+    """Train `members` members per axis (varying only that axis from `base`) and measure them.
+
+    `trainer`: `train(config) -> model`, or 'module:function'. `heldout`: inputs to compare on
+    (a tensor or a data file), else the trainer's `heldout()`. The worst-case distances use L-inf
+    (or L2) balls of radius `eps` around the first `regions` held-out points; `worst_case=False`
+    skips them. `members_dir` keeps trained members (safetensors) so a rerun resumes.
+    Returns a `StabilityStudy`.
+    """
+    t0 = time.perf_counter()
+    if members < 2:
+        raise DiffprobeError(f"a study needs at least 2 members per axis (got {members})")
+    train = _resolved(trainer)
+    base = {**getattr(train, "defaults", {}), **(base or {})}
+    x = _heldout(heldout, train)
+    axes = [tuple(a) if isinstance(a, (list, tuple)) else a for a in axes]
+    plan = {_axis_name(a): [{**base, _axis_name(a): v} for v in axis_values(a, members, base)] for a in axes}
+    store = _MemberStore(members_dir, trainer)
+    notes = []
+    models = _train_all(trainer, plan, store, executor, progress, notes)
+    result = {}
+    with progress_bar(progress, len(plan), desc="distances") as bar:
+        for name, configs in plan.items():
+            ms = [models[_key(c)] for c in configs]
+            result[name] = _distances(ms, x, eps, norm, clip, regions if worst_case else 0, search_steps, seed)
+            bar.update(1)
+    spread = {name: {metric: _spread(m, seed) for metric, m in d.items()} for name, d in result.items()}
+    if rank_by not in SAMPLED + WORST:
+        raise DiffprobeError(f"rank_by must be one of {', '.join(SAMPLED + WORST)}")
+    ranking = sorted(spread, key=lambda a: -spread[a].get(rank_by, {"mean": -1})["mean"])
+    return StabilityStudy(
+        axes=list(plan), members=members, base=_jsonable(base),
+        values={n: [c[n] for c in cs] for n, cs in plan.items()}, distances=result, spread=spread,
+        ranking=ranking, rank_by=rank_by, eps=eps, norm=str(norm), regions=regions if worst_case else 0,
+        seconds=time.perf_counter() - t0, notes=notes, provenance=provenance(seed))
+
+
+def _key(config):
+    return json.dumps(_jsonable(config), sort_keys=True)
+
+
+def _jsonable(config):
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in config.items()}
+
+
+def _heldout(heldout, train):
+    if heldout is None:
+        if not hasattr(train, "heldout"):
+            raise DataError("give held-out inputs (--data FILE / heldout=...); this trainer has no heldout()")
+        heldout = train.heldout()
+    if isinstance(heldout, (str, Path)):
+        heldout = load_points(heldout)[0]
+    x = torch.as_tensor(heldout).to(torch.float64)
+    if not len(x):
+        raise DataError("the held-out data holds no points")
+    return x
+
+
+def _train_all(trainer, plan, store, executor, progress, notes):
+    """Every distinct member once (configs shared between axes are trained once)."""
+    configs = {_key(c): c for cs in plan.values() for c in cs}
+    todo = {k: c for k, c in configs.items() if store.get(k, c) is None}
+    if len(todo) < len(configs):
+        notes.append(f"{len(configs) - len(todo)} of {len(configs)} members reloaded from the members folder")
+    with progress_bar(progress, len(todo), desc="training") as bar:
+        if executor is None:
+            for k, c in todo.items():
+                store.put(k, _train_member(trainer, c))
+                bar.update(1)
+        else:
+            import concurrent.futures
+            futures = {executor.submit(_train_member, trainer, c): k for k, c in todo.items()}
+            for future in concurrent.futures.as_completed(futures):
+                store.put(futures[future], future.result())
+                bar.update(1)
+    return {k: store.get(k, c) for k, c in configs.items()}
+
+
+@torch.no_grad()
+def _sampled(a, b, x):
+    la = torch.log_softmax(a(x.to(_dtype(a))).double().reshape(len(x), -1), 1)
+    lb = torch.log_softmax(b(x.to(_dtype(b))).double().reshape(len(x), -1), 1)
+    kl = (la.exp() * (la - lb)).sum(1).mean().item()
+    m = torch.logsumexp(torch.stack([la, lb]), 0) - math.log(2)
+    js = (0.5 * (la.exp() * (la - m) + lb.exp() * (lb - m))).sum(1).mean().item()
+    return {"kl": kl, "js": js, "disagreement": (la.argmax(1) != lb.argmax(1)).double().mean().item()}
+
+
+def _dtype(model):
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _distances(models, x, eps, norm, clip, regions, search_steps, seed):
+    """Pairwise distance matrices [members x members] per metric (KL is asymmetric)."""
+    from .drift import drift
+    n = len(models)
+    out = {m: [[0.0] * n for _ in range(n)] for m in SAMPLED + (WORST if regions else ())}
+    centers = x[:regions].reshape(regions, -1) if regions else None
+    for i, j in itertools.permutations(range(n), 2):
+        for metric, value in _sampled(models[i], models[j], x).items():
+            out[metric][i][j] = value
+        if regions and i < j:
+            report = drift(models[i], models[j], centers, eps=eps, norm=norm, clip=clip,
+                           search_steps=search_steps, search_restarts=4, seed=seed)
+            out["found"][i][j] = out["found"][j][i] = report.found
+            out["certified"][i][j] = out["certified"][j][i] = report.bound
+    return out
+
+
+def _spread(matrix, seed, resamples=1000):
+    """Mean off-diagonal distance with a 95 % bootstrap interval over members."""
+    m = torch.tensor(matrix, dtype=torch.float64)
+    n = len(m)
+    off = ~torch.eye(n, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(seed)
+    means = []
+    for _ in range(resamples):
+        pick = torch.randint(n, (n,), generator=gen)
+        sub = m[pick][:, pick]
+        distinct = pick[:, None] != pick[None, :]  # a member resampled twice is no pair
+        if distinct.any():
+            means.append(sub[distinct].mean().item())
+    means = torch.tensor(means, dtype=torch.float64)
+    return {"mean": m[off].mean().item(), "low": means.quantile(0.025).item() if len(means) else float("nan"),
+            "high": means.quantile(0.975).item() if len(means) else float("nan")}
+
+
+# ---- structural stability of one model ----------------------------------------------------------
+
+def perturbed(model, kind, scale, generator):
+    """A copy of `model` with its parameters perturbed: `dropout` (hidden units of Linear layers
+    dropped with probability `scale`, survivors scaled by 1/(1-p), i.e. one dropout mask frozen),
+    `dropconnect` (single weights dropped likewise) or `noise` (W * (1 + scale * N(0, 1)))."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        linears = [m for m in other.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+        for index, layer in enumerate(linears):
+            w = layer.weight
+            if kind == "noise":
+                w.mul_(1 + scale * torch.randn(w.shape, generator=generator, dtype=w.dtype))
+            elif kind == "dropconnect":
+                keep = (torch.rand(w.shape, generator=generator) >= scale).to(w.dtype)
+                w.mul_(keep / (1 - scale))
+            elif kind == "dropout":
+                if index == 0:
+                    continue  # inputs are not dropped; a unit's drop zeroes its outgoing weights
+                keep = (torch.rand(w.shape[1], generator=generator) >= scale).to(w.dtype)
+                w.mul_(keep.reshape(1, -1, *[1] * (w.dim() - 2)) / (1 - scale))
+            else:
+                raise DiffprobeError(f"unknown perturbation '{kind}'; use dropout, dropconnect or noise")
+    return other
+
+
+def structural_stability(model, heldout, *, kinds=("dropout", "dropconnect", "noise"),
+                         scales=(0.01, 0.02, 0.05, 0.1), samples=3, eps=0.05, norm="inf", clip=(0.0, 1.0),
+                         regions=5, search_steps=30, seed=0, progress=False):
+    """Drift of `model` against perturbed copies of itself, per perturbation kind and scale:
+    sampled KL / disagreement on `heldout`, and the worst case found and certified over balls
+    around the first `regions` held-out points (mean over `samples` perturbed copies)."""
+    from .drift import drift
+    t0 = time.perf_counter()
+    x = torch.as_tensor(heldout).to(torch.float64)
+    centers = x[:regions].reshape(regions, -1) if regions else None
+    curves = {}
+    gen = torch.Generator().manual_seed(seed)
+    with progress_bar(progress, len(kinds) * len(scales), desc="structural") as bar:
+        for kind in kinds:
+            rows = []
+            for scale in scales:
+                values = []
+                for _ in range(samples):
+                    other = perturbed(model, kind, scale, gen)
+                    v = _sampled(model, other, x)
+                    if regions:
+                        report = drift(model, other, centers, eps=eps, norm=norm, clip=clip,
+                                       search_steps=search_steps, search_restarts=4, seed=seed)
+                        v.update(found=report.found, certified=report.bound)
+                    values.append(v)
+                rows.append({"scale": scale, **{k: sum(v[k] for v in values) / samples for k in values[0]}})
+                bar.update(1)
+            curves[kind] = rows
+    return StructuralStability(kinds=list(kinds), scales=list(scales), samples=samples, curves=curves,
+                               eps=eps, regions=regions, seconds=time.perf_counter() - t0,
+                               provenance=provenance(seed))
