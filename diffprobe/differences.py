@@ -27,6 +27,23 @@ class Difference:
     def __repr__(self):
         return f"Difference({self.name!r}: {self.description})"
 
+    # differences combine with priors and each other into search objectives (diffprobe.objectives)
+    def __add__(self, other):
+        from .objectives import as_objective
+        return as_objective(self) + other
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        from .objectives import as_objective
+        return as_objective(self) - other
+
+    def __mul__(self, scale):
+        from .objectives import as_objective
+        return as_objective(self) * scale
+
+    __rmul__ = __mul__
+
 
 DIFFERENCES = {}
 
@@ -89,6 +106,20 @@ register_difference(Difference(
 register_difference(Difference(
     "js", "Jensen-Shannon divergence of the two softmax outputs",
     _js_terms, lambda v: v.sum(dim=1), ""))
+def _dlr_margins(a, b):
+    """model_b's flip margins against model_a's label, divided by model_b's own logit spread
+    (top logit minus third), so a copy with another logit scale (quantised, distilled) is
+    compared on equal terms (DLR, Croce & Hein 2020)."""
+    margins = _flip_margins(a, b)
+    own = torch.isinf(margins)  # model_a's label: -inf, kept out of the division so no NaN gradient
+    top = torch.sort(_flat(b), dim=1, descending=True).values
+    spread = (top[:, 0] - top[:, min(2, top.shape[1] - 1)]).clamp_min(1e-12)
+    return (margins.masked_fill(own, 0.0) / spread.unsqueeze(1)).masked_fill(own, float("-inf"))
+
+
+register_difference(Difference(
+    "dlr", "scale-invariant flip margin: top1's margin divided by model_b's top-minus-third logit spread",
+    _dlr_margins, lambda v: v.amax(dim=1), ""))
 register_difference(Difference(
     "top1", "top-1 flip margin: max_j model_b_j - model_b_y with y = argmax model_a; > 0 means the labels differ",
     _flip_margins, lambda v: v.amax(dim=1), "top1"))

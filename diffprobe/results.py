@@ -81,7 +81,7 @@ class SearchResult(_Result):
 
     def witness(self):
         """The witness as a tensor of the models' input shape."""
-        return torch.tensor(self.x).reshape(self.input_shape)
+        return torch.tensor(self.x, dtype=torch.float64).reshape(self.input_shape)
 
     def _rows(self):
         return [("difference", self.difference), ("found", f"{self.found:.6g}"),

@@ -12,7 +12,8 @@ import warnings
 
 import torch
 
-from .differences import get_difference
+from .differences import Difference, get_difference
+from .objectives import Objective, as_objective
 from .errors import RegionError
 from .graph import compose, fit_region
 from .progress import progress_bar
@@ -59,16 +60,18 @@ class _Evaluator:
     """
 
     def __init__(self, pair, difference):
-        self.pair, self.difference, self.count = pair, difference, 0
-        self.target = None
+        self.pair, self.count, self.target = pair, 0, None
+        # a plain difference may be targeted output by output; a combined objective is taken whole
+        self.difference = difference if isinstance(difference, Difference) else None
+        self.objective = as_objective(difference)
 
     def __call__(self, x):
         self.count += x.shape[0]
-        return self.difference(*self.pair.outputs(x))
+        return self.objective(*self.pair.outputs(x), x)
 
     def aim(self, x):
         """Fix each restart's target: the output and sign of its largest |difference| at x."""
-        if self.difference.reduce.__name__ != "_abs_max":
+        if self.difference is None or self.difference.reduce.__name__ != "_abs_max":
             return
         with torch.no_grad():
             per_output = self.difference.per_output(*self.pair.outputs(x))
@@ -82,15 +85,16 @@ class _Evaluator:
     def value_and_grad(self, x):
         x = x.detach().requires_grad_(True)
         self.count += x.shape[0]
-        per_output = self.difference.per_output(*self.pair.outputs(x))
-        values = self.difference.reduce(per_output)
         if self.target is None:
-            objective = values
+            values = objective = self.objective(*self.pair.outputs(x), x)
         else:
+            per_output = self.difference.per_output(*self.pair.outputs(x))
+            values = self.difference.reduce(per_output)
             k, sign = self.target
             objective = torch.where(sign != 0, per_output.gather(1, k[:, None]).squeeze(1) * sign, values)
         grad, = torch.autograd.grad(objective.sum(), x)
-        return values.detach(), grad
+        # a NaN gradient (a user objective's 0/0) would freeze every step; treat it as flat
+        return values.detach(), torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
     def screen(self, region, n, keep, generator, batch=4096):
         """The `keep` best of n random points (forward passes only)."""
@@ -168,7 +172,8 @@ def _random_search(evaluate, region, best_x, best, budget, generator, batch=64):
 
 def search(model_a, model_b, region, *, difference="elementwise", steps=100, restarts=8, seed=0,
            threshold=None, starts=None, random_fraction=0.1, screen_fraction=0.2, progress=False):
-    """The input in `region` where model_a and model_b disagree most (by `difference`).
+    """The input in `region` where model_a and model_b disagree most (by `difference`: a registered
+    name, a `Difference`, or an `Objective` such as `flip(3, 8) - 0.1 * tv()`).
 
     Returns a `SearchResult` whose witness is re-evaluated on the real models in float64 and lies
     inside the region. `threshold` stops early once exceeded (falsification); `starts` adds
@@ -179,10 +184,15 @@ def search(model_a, model_b, region, *, difference="elementwise", steps=100, res
     if steps < 1 or restarts < 1:
         raise RegionError(f"steps and restarts must be >= 1 (got {steps}, {restarts})")
     pair = compose(model_a, model_b, region)
-    return search_pair(copy.deepcopy(pair).double(), get_difference(difference),
+    return search_pair(copy.deepcopy(pair).double(), _target(difference),
                        fit_region(region, pair.input_shape), steps=steps, restarts=restarts, seed=seed,
                        threshold=threshold, starts=starts, random_fraction=random_fraction,
                        screen_fraction=screen_fraction, progress=progress)
+
+
+def _target(difference):
+    """A registered difference by name, or a Difference / Objective as given."""
+    return difference if isinstance(difference, (Difference, Objective)) else get_difference(difference)
 
 
 def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, starts=None,
@@ -224,7 +234,7 @@ def _witness_result(pair64, diff, region, x, count, seed, trace, seconds, notes)
     assert bool(region.contains(x, tol=0)), "projection left the region"
     with torch.no_grad():
         a, b = pair64.outputs(x)
-        found = diff(a, b).item()
+        found = as_objective(diff)(a, b, x).item()
     return SearchResult(
         difference=diff.name, found=found, x=x.reshape(-1).tolist(), input_shape=list(region.shape),
         output_a=a.reshape(-1).tolist(), output_b=b.reshape(-1).tolist(), evaluations=count,
