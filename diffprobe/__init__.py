@@ -14,13 +14,14 @@ from .regions import L2Ball, LinfBall, Box, ball, box_from_vnnlib
 from .results import (CapabilityStudy, Certificate, DriftReport, SearchResult, StabilityStudy, StructuralStability,
                       Verdict)
 from .search import search
+from .dream import dream
 from .certification import certify
 from .drift import drift
 from .stability import stability, structural_stability
 from .capability import CapabilityRecorder, capability
 
 
-__all__ = ["search", "certify", "drift", "stability", "structural_stability", "DriftReport",
+__all__ = ["search", "dream", "certify", "drift", "stability", "structural_stability", "DriftReport",
            "StabilityStudy", "StructuralStability", "capability", "CapabilityRecorder", "CapabilityStudy", "compose", "load_model", "Box", "LinfBall", "L2Ball", "ball",
            "box_from_vnnlib", "Difference", "DIFFERENCES", "get_difference", "register_difference",
            "SearchResult", "Certificate", "Verdict", "DiffprobeError", "CheckpointError",
