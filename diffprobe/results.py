@@ -79,9 +79,10 @@ class SearchResult(_Result):
         return (f"SearchResult({self.difference}: found {self.found:.4g} after "
                 f"{self.evaluations} evaluations, {self.seconds:.2f}s)")
 
-    def witness(self):
-        """The witness as a tensor of the models' input shape."""
-        return torch.tensor(self.x, dtype=torch.float64).reshape(self.input_shape)
+    def witness(self, dtype=torch.float64):
+        """The witness as a tensor of the models' input shape (float64: the precision `found` was
+        checked in; pass dtype=torch.float32 to feed a float32 model)."""
+        return torch.tensor(self.x, dtype=dtype).reshape(self.input_shape)
 
     def _rows(self):
         return [("difference", self.difference), ("found", f"{self.found:.6g}"),

@@ -108,8 +108,13 @@ class _Evaluator:
         return points[values.argsort(descending=True)[:keep]]
 
 
-def _apgd(evaluate, region, x0, steps, threshold, progress):
-    """Batched APGD; returns best points, best values and the trace of the overall best."""
+def _apgd(evaluate, region, x0, steps, threshold, progress, generator=None):
+    """Batched APGD; returns best points, best values and the trace of the overall best.
+
+    A restart that has already had its step halved and still did not improve between two
+    checkpoints has converged to a local maximum: its best point is archived and it starts again
+    from a fresh random point, so on jagged landscapes (quantised copies, low-dimensional inputs)
+    the budget buys many short ascents instead of a few stuck ones."""
     dtype = x0.dtype
     scale = _step_scale(region, dtype)
     eta = torch.full((x0.shape[0],) + (1,) * (x0.dim() - 1), 2.0, dtype=dtype)
@@ -119,7 +124,8 @@ def _apgd(evaluate, region, x0, steps, threshold, progress):
     x_prev, trace = x.clone(), [best.max().item()]
     checkpoints, last_cp, improved = _checkpoints(steps), 0, torch.zeros_like(best)
     best_at_cp, eta_at_cp = best.clone(), eta.clone()
-    zero_grad = bool((grad == 0).all())
+    zero_grad, archive = bool((grad == 0).all()), []
+    check_every, best_at_check = max(5, steps // 10), best.clone()
     for step in range(1, steps + 1):
         z = region.project(x + eta * scale * _direction(grad, region))
         alpha = 0.75 if step > 1 else 1.0
@@ -131,7 +137,7 @@ def _apgd(evaluate, region, x0, steps, threshold, progress):
         best = torch.where(better, value, best)
         best_x[better] = x_new[better].detach()
         x = x_new.detach()
-        trace.append(best.max().item())
+        trace.append(max(trace[-1], best.max().item()))  # restarts reset rows; the archive keeps their best
         progress(1)
         if threshold is not None and trace[-1] > threshold:
             break
@@ -146,6 +152,20 @@ def _apgd(evaluate, region, x0, steps, threshold, progress):
                 value, grad = evaluate.value_and_grad(x)
             improved.zero_()
             last_cp = step
+        if generator is not None and step % check_every == 0 and step < steps:
+            converged = (eta.reshape(-1) < 2.0) & (best <= best_at_check)
+            if bool(converged.any()):
+                archive.append((best_x[converged].clone(), best[converged].clone()))
+                fresh = region.sample(int(converged.sum()), generator).to(dtype)
+                x[converged], x_prev[converged], eta[converged] = fresh, fresh, 2.0
+                eta_at_cp[converged] = 2.0
+                value, grad = evaluate.value_and_grad(x)
+                best = torch.where(converged, value, best)
+                best_at_cp = torch.where(converged, value, best_at_cp)
+                best_x[converged] = x[converged]
+            best_at_check = best.clone()
+    for kept_x, kept in archive:
+        best_x, best = torch.cat([best_x, kept_x]), torch.cat([best, kept])
     return best_x, best, trace, zero_grad
 
 
@@ -208,7 +228,7 @@ def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, 
     notes, trace = [], []
     with progress_bar(progress, steps) as bar:
         try:
-            best_x, best, trace, zero_grad = _apgd(evaluate, region, x0, steps, threshold, bar.update)
+            best_x, best, trace, zero_grad = _apgd(evaluate, region, x0, steps, threshold, bar.update, generator)
             budget = int(random_fraction * steps * restarts) if not zero_grad else steps * restarts
             if zero_grad:
                 notes.append("gradients were zero at every start; used gradient-free search")

@@ -1,11 +1,14 @@
 """Disagreement search vs plain PGD vs uniform random sampling at an equal budget of model
-evaluations (forward+backward passes per point), on the shared pairs and derived copies.
+evaluations (forward+backward passes per point), on the shared pairs and derived copies, and on
+tiny pairs against the exact optimum of a MILP (scipy.optimize.milp, big-M encoding).
 
     python scripts/bench_search.py
 
-Prints a markdown table of found values and the ratios search / PGD and search / random.
+Prints a markdown table of found values (medians over seeds 0, 1, 2 for every method) and the
+ratios search / PGD, search / random and search / exact (tiny pairs only).
 """
 import copy
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +17,11 @@ import torch
 import diffprobe as dp
 from diffprobe.differences import get_difference
 from diffprobe.graph import compose, fit_region
+from diffprobe.layers import Network
 
 NETS = Path(__file__).resolve().parents[2] / "shared" / "nets"
 STEPS, RESTARTS = 100, 8
+SEEDS = (0, 1, 2)
 
 
 def pgd(a, b, region, budget, seed, step=0.1):
@@ -80,15 +85,47 @@ def cases():
         yield f"mnistfc 256x2 vs {kind}, L-inf 0.03", fc, derived(fc, kind), dp.LinfBall(mnist, 0.03, (0, 1))
 
 
+def tiny_mlp(sizes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = torch.nn.Linear(n_in, n_out)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(n_out, n_in, generator=gen) / n_in ** 0.5)
+            lin.bias.copy_(torch.randn(n_out, generator=gen) * 0.1)
+        layers += [lin] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
+    return Network(layers, (sizes[0],)).eval()
+
+
+def tiny_cases():
+    """Pairs of 2-3 ReLU layers of <= 20 neurons: unrelated, W(1 + 0.05 N) and int8 copies."""
+    for sizes, seed in (([4, 10, 10, 2], 0), ([5, 12, 12, 3], 1), ([3, 8, 8, 8, 2], 2)):
+        a = tiny_mlp(sizes, seed)
+        box = dp.LinfBall(torch.zeros(sizes[0], dtype=torch.float64), 1.0)
+        yield f"tiny {'x'.join(map(str, sizes))} vs unrelated", a, tiny_mlp(sizes, seed + 100), box
+        noisy = copy.deepcopy(a)
+        with torch.no_grad():
+            for p in noisy.parameters():
+                p.mul_(1 + 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        yield f"tiny {'x'.join(map(str, sizes))} vs W(1+0.05N)", a, noisy, box
+        yield f"tiny {'x'.join(map(str, sizes))} vs int8", a, derived(a, "int8"), box
+
+
 def main():
-    print("| pair / region | budget | diffprobe search | PGD | random | search / PGD | search / random |")
-    print("|---|---|---|---|---|---|---|")
-    for name, a, b, region in cases():
-        found = dp.search(a, b, region, steps=STEPS, restarts=RESTARTS, seed=0)
-        budget = found.evaluations
-        p, r = pgd(a, b, region, budget, 0), random_max(a, b, region, budget, 0)
-        print(f"| {name} | {budget} | {found.found:.4g} | {p:.4g} | {r:.4g} | {found.found / p:.3f} "
-              f"| {found.found / r:.3f} |", flush=True)
+    from diffprobe.milp import exact_max
+    print("| pair / region | budget | diffprobe search | PGD | random | exact (MILP) | search / PGD | search / random | search / exact |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for tiny, generator in ((False, cases), (True, tiny_cases)):
+        for name, a, b, region in generator():
+            runs = [dp.search(a, b, region, steps=STEPS, restarts=RESTARTS, seed=seed) for seed in SEEDS]
+            budget = runs[0].evaluations
+            found = statistics.median(r.found for r in runs)
+            p = statistics.median(pgd(a, b, region, budget, seed) for seed in SEEDS)
+            r = statistics.median(random_max(a, b, region, budget, seed) for seed in SEEDS)
+            exact = exact_max(a, b, region, time_limit=300).value if tiny else None
+            print(f"| {name} | {budget} | {found:.4g} | {p:.4g} | {r:.4g} | "
+                  f"{'-' if exact is None else f'{exact:.4g}'} | {found / p:.3f} | {found / r:.3f} | "
+                  f"{'-' if exact is None else f'{found / exact:.3f}'} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def test_shifted_copy_found_is_c_and_witness_inside(kind):
     assert abs(result.found - 0.25) < 1e-6
     assert region.contains(result.witness().double().unsqueeze(0), tol=0).all()
     # re-evaluated on the real models
-    x = result.witness().unsqueeze(0)
+    x = result.witness(torch.float32).unsqueeze(0)
     assert abs((shifted(a, -0.25)(x) - a(x)).abs().max().item() - result.found) < 1e-5
 
 
