@@ -17,7 +17,7 @@ from .search import search_pair
 _INF = float("inf")
 
 
-class _Spec:
+class Spec:
     """How a difference is bounded: the graph kind, the spec rows, and the scalar summary.
 
     For top-1 the rows depend on model_a's label at each region's centre, so they are kept per
@@ -73,7 +73,7 @@ class _Spec:
                                                            upper[:, self.k - 1:2 * (self.k - 1)])
 
 
-def _bound_boxes(problem, spec, methods, region, lo, hi):
+def bound_boxes(problem, spec, methods, region, lo, hi):
     """Per-row bounds of a batch of boxes: the intersection over `methods` (each is sound)."""
     if spec.rows is not None:
         problem = dataclasses.replace(problem, spec=spec.rows)
@@ -87,7 +87,7 @@ def _bound_boxes(problem, spec, methods, region, lo, hi):
     return lower, upper, spec.scalar(lower, upper)
 
 
-def _methods_for(method, pair, kind, budget):
+def methods_for(method, pair, kind, budget):
     """`auto`: CROWN, plus the differential bounds when the two layer structures match (the
     intersection is never looser than either), plus alpha-CROWN for small single-pass problems.
     Cheapest first, so a caller with a threshold can stop once a box is verified."""
@@ -103,7 +103,7 @@ def _methods_for(method, pair, kind, budget):
     return [method]
 
 
-def _verdict(bound, found, threshold):
+def verdict_of(bound, found, threshold):
     if threshold is None:
         return None
     if found > threshold:
@@ -126,12 +126,12 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
     pair = compose(model_a, model_b, region)
     region = fit_region(region, pair.input_shape)
     pair64 = copy.deepcopy(pair).double()
-    spec = _Spec(diff, pair64, region.center.unsqueeze(0))
+    spec = Spec(diff, pair64, region.center.unsqueeze(0))
     problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair.input_shape)
-    methods = _methods_for(method, pair64, spec.graph_kind, time_budget)
+    methods = methods_for(method, pair64, spec.graph_kind, time_budget)
     witness = search_pair(pair64, diff, region, steps=search_steps, restarts=search_restarts,
                           seed=seed, threshold=threshold)
-    state = _BranchAndBound(problem, spec, methods, region, pair64, diff, witness)
+    state = BranchAndBound(problem, spec, methods, region, pair64, diff, witness)
     if method == "auto" and spec.kind == "elementwise" and "differential" not in methods:
         state.notes.append("the two layer structures do not match (or are not Linear/ReLU chains): "
                            "bounded on the composed graph, without the differential method")
@@ -141,7 +141,7 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
                              threshold, seed, time.perf_counter() - t0)
 
 
-class _BranchAndBound:
+class BranchAndBound:
     """Leaves of the input split; the bound is the max over leaves (and pruned leaves)."""
 
     def __init__(self, problem, spec, methods, region, pair64, diff, witness, initial=None):
@@ -151,7 +151,7 @@ class _BranchAndBound:
         self.notes = list(witness.warnings)
         lo, hi = region.bounding_box()
         self.lo, self.hi = lo.unsqueeze(0), hi.unsqueeze(0)
-        self.lower, self.upper, self.scores = initial or _bound_boxes(problem, spec, methods, region,
+        self.lower, self.upper, self.scores = initial or bound_boxes(problem, spec, methods, region,
                                                                       self.lo, self.hi)
         self.pruned_lower = torch.full_like(self.lower[0], _INF)
         self.pruned_upper = torch.full_like(self.upper[0], -_INF)
@@ -202,7 +202,7 @@ class _BranchAndBound:
         new_hi = torch.cat([left_hi.reshape(hi.shape), hi])
         # on sub-regions the differential bound alone (when available) is the cheap, tight one
         methods = ["differential"] if "differential" in self.methods else self.methods
-        lower, upper, scores = _bound_boxes(self.problem, self.spec, methods, self.region, new_lo, new_hi)
+        lower, upper, scores = bound_boxes(self.problem, self.spec, methods, self.region, new_lo, new_hi)
         keep = torch.ones(len(self.scores), dtype=torch.bool)
         keep[order] = False
         self.lo, self.hi = torch.cat([self.lo[keep], new_lo]), torch.cat([self.hi[keep], new_hi])
@@ -245,7 +245,7 @@ class _BranchAndBound:
             raise AssertionError(f"unsound bound: witness {self.found} > certified {bound}; please report this")
         return Certificate(
             difference=self.diff.name, method=method, lower=lower[0].tolist(), upper=upper[0].tolist(),
-            bound=bound, found=self.found, gap_ratio=gap, verdict=_verdict(bound, self.found, threshold),
+            bound=bound, found=self.found, gap_ratio=gap, verdict=verdict_of(bound, self.found, threshold),
             threshold=threshold, seconds=seconds, seed=seed, witness=self.witness.tolist(),
             branches=self.branches, region=self.region.to_dict(), notes=self.notes,
             provenance=provenance(seed, torch_dtype="float64"))

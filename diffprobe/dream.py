@@ -17,7 +17,7 @@ from .graph import compose
 from .objectives import as_objective
 from .progress import progress_bar
 from .regions import Box
-from .search import _target, _witness_result
+from .search import objective_of, witness_result
 
 PARAMETERISATIONS = ("pixel", "sigmoid", "fft")
 TRANSFORMS = ("jitter", "scale", "rotate")
@@ -116,7 +116,7 @@ def dream(model_a, model_b, *, difference="elementwise", priors=None, region=Non
     unknown = set(transforms) - set(TRANSFORMS)
     if unknown:
         raise ValueError(f"unknown transforms {sorted(unknown)}; use {', '.join(TRANSFORMS)}")
-    diff = _target(difference)
+    diff = objective_of(difference)
     pair = compose(model_a, model_b, region)
     shape = tuple(shape) if shape else image_shape(pair.input_shape)
     if region is None:
@@ -150,4 +150,4 @@ def dream(model_a, model_b, *, difference="elementwise", priors=None, region=Non
     notes = [f"DeepDream: {param} parameterisation, transforms {', '.join(transforms) or 'none'}"
              + (f", priors {prior.name}" if prior else "")]
     pair64 = copy.deepcopy(pair).double()
-    return _witness_result(pair64, diff, region, final, count, seed, trace, time.perf_counter() - t0, notes)
+    return witness_result(pair64, diff, region, final, count, seed, trace, time.perf_counter() - t0, notes)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .bounds import build_problem
-from .certification import _BranchAndBound, _Spec, _bound_boxes, _methods_for, _verdict
+from .certification import BranchAndBound, Spec, bound_boxes, methods_for, verdict_of
 from .data import load_points
 from .differences import get_difference
 from .errors import DataError, RegionError
@@ -172,9 +172,9 @@ def run_chunk(job):
     pair64 = copy.deepcopy(compose(job.model_a, job.model_b, job.regions[0])).double()
     regions = [fit_region(r, pair64.input_shape) for r in job.regions]
     centers = torch.stack([r.center for r in regions]).to(torch.float64)
-    spec = _Spec(diff, pair64, centers)
+    spec = Spec(diff, pair64, centers)
     problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair64.input_shape)
-    methods = _methods_for(s.method, pair64, spec.graph_kind, s.time_budget)
+    methods = methods_for(s.method, pair64, spec.graph_kind, s.time_budget)
     lower, upper, scores = _staged_bounds(problem, spec, methods, regions, s.threshold)
     with torch.no_grad():
         a, b = pair64.outputs(centers)
@@ -214,7 +214,7 @@ def _staged_batch(problem, spec, methods, region, lo, hi, threshold):
         todo = torch.arange(len(lo)) if scores is None or threshold is None else (scores > threshold).nonzero().reshape(-1)
         if not len(todo):
             break
-        l, u, _ = _bound_boxes(problem, spec.take(todo), [name], region, lo[todo], hi[todo])
+        l, u, _ = bound_boxes(problem, spec.take(todo), [name], region, lo[todo], hi[todo])
         if lower is None:
             lower, upper = l, u
         else:
@@ -229,13 +229,13 @@ def _point(pair64, diff, problem, spec, methods, region, initial, at_center, s):
     bound = initial[2].item()
     record = {"bound": bound, "found": at_center, "witness": None, "branches": 1, "notes": []}
     if s.threshold is not None and bound <= s.threshold and at_center <= s.threshold:
-        record.update(verdict=_verdict(bound, at_center, s.threshold).value, seconds=time.perf_counter() - t0)
+        record.update(verdict=verdict_of(bound, at_center, s.threshold).value, seconds=time.perf_counter() - t0)
         return record
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kept per point in the notes; summarised in the report
         witness = search_pair(pair64, diff, region, steps=s.search_steps, restarts=s.search_restarts,
                               seed=s.seed, threshold=s.threshold)
-    state = _BranchAndBound(problem, spec, methods, region, pair64, diff, witness, initial)
+    state = BranchAndBound(problem, spec, methods, region, pair64, diff, witness, initial)
     if s.time_budget and region.norm != 2.0:
         state.run(time.perf_counter() + s.time_budget, s.threshold, 0.05, False)
     cert = state.certificate("", s.threshold, s.seed, 0.0)

@@ -204,13 +204,13 @@ def search(model_a, model_b, region, *, difference="elementwise", steps=100, res
     if steps < 1 or restarts < 1:
         raise RegionError(f"steps and restarts must be >= 1 (got {steps}, {restarts})")
     pair = compose(model_a, model_b, region)
-    return search_pair(copy.deepcopy(pair).double(), _target(difference),
+    return search_pair(copy.deepcopy(pair).double(), objective_of(difference),
                        fit_region(region, pair.input_shape), steps=steps, restarts=restarts, seed=seed,
                        threshold=threshold, starts=starts, random_fraction=random_fraction,
                        screen_fraction=screen_fraction, progress=progress)
 
 
-def _target(difference):
+def objective_of(difference):
     """A registered difference by name, or a Difference / Objective as given."""
     return difference if isinstance(difference, (Difference, Objective)) else get_difference(difference)
 
@@ -244,11 +244,11 @@ def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, 
         except KeyboardInterrupt:
             notes.append("interrupted before the search finished: the best starting point is reported")
             best_x, best = x0, torch.full((x0.shape[0],), float("-inf"), dtype=torch.float64)
-    return _witness_result(pair64, diff, region, best_x[best.argmax()], evaluate.count, seed,
+    return witness_result(pair64, diff, region, best_x[best.argmax()], evaluate.count, seed,
                            trace, time.perf_counter() - t0, notes)
 
 
-def _witness_result(pair64, diff, region, x, count, seed, trace, seconds, notes):
+def witness_result(pair64, diff, region, x, count, seed, trace, seconds, notes):
     """Re-check the witness on the real models (float64) inside the region."""
     x = region.project(x.detach().to(torch.float64).unsqueeze(0))
     assert bool(region.contains(x, tol=0)), "projection left the region"
