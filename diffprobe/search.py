@@ -108,13 +108,15 @@ class _Evaluator:
         return points[values.argsort(descending=True)[:keep]]
 
 
-def _apgd(evaluate, region, x0, steps, threshold, progress, generator=None):
+def _apgd(evaluate, region, x0, steps, threshold, progress, generator=None, reserve=None):
     """Batched APGD; returns best points, best values and the trace of the overall best.
 
     A restart that has already had its step halved and still did not improve between two
     checkpoints has converged to a local maximum: its best point is archived and it starts again
-    from a fresh random point, so on jagged landscapes (quantised copies, low-dimensional inputs)
-    the budget buys many short ascents instead of a few stuck ones."""
+    from the next `reserve` point (screened candidates, best first) or a fresh random one, so on
+    jagged landscapes (quantised copies, low-dimensional inputs) the budget buys many short
+    ascents instead of a few stuck ones."""
+    reserve = reserve if reserve is not None else x0[:0]
     dtype = x0.dtype
     scale = _step_scale(region, dtype)
     eta = torch.full((x0.shape[0],) + (1,) * (x0.dim() - 1), 2.0, dtype=dtype)
@@ -156,7 +158,9 @@ def _apgd(evaluate, region, x0, steps, threshold, progress, generator=None):
             converged = (eta.reshape(-1) < 2.0) & (best <= best_at_check)
             if bool(converged.any()):
                 archive.append((best_x[converged].clone(), best[converged].clone()))
-                fresh = region.sample(int(converged.sum()), generator).to(dtype)
+                need = int(converged.sum())
+                fresh = torch.cat([reserve[:need].to(dtype), region.sample(max(need - len(reserve), 0), generator).to(dtype)])
+                reserve = reserve[need:]
                 x[converged], x_prev[converged], eta[converged] = fresh, fresh, 2.0
                 eta_at_cp[converged] = 2.0
                 value, grad = evaluate.value_and_grad(x)
@@ -221,14 +225,17 @@ def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, 
     t0 = time.perf_counter()
     evaluate = _Evaluator(pair64, diff)
     generator = torch.Generator().manual_seed(seed)
-    screened = evaluate.screen(region, int(screen_fraction * steps * restarts), restarts // 2, generator)
+    screened = evaluate.screen(region, int(screen_fraction * steps * restarts), 4 * restarts, generator)
+    # the best screened points start half the restarts; the next ones wait to reseed converged restarts
+    screened, reserve = screened[:restarts // 2], screened[restarts // 2:]
     starts = screened if starts is None else torch.cat([starts.reshape(-1, *region.shape).double(), screened])
     x0 = starting_points(region, restarts, generator, starts)
     evaluate.aim(x0)
     notes, trace = [], []
     with progress_bar(progress, steps) as bar:
         try:
-            best_x, best, trace, zero_grad = _apgd(evaluate, region, x0, steps, threshold, bar.update, generator)
+            best_x, best, trace, zero_grad = _apgd(evaluate, region, x0, steps, threshold, bar.update, generator,
+                                                   reserve)
             budget = int(random_fraction * steps * restarts) if not zero_grad else steps * restarts
             if zero_grad:
                 notes.append("gradients were zero at every start; used gradient-free search")
