@@ -43,10 +43,19 @@ class _Result:
     def _rows(self):
         return []
 
+    def _figure(self):
+        """A small base64 PNG beside the table (the witness image, or per-output bars), or None."""
+        return None
+
     def _repr_html_(self):
         rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
                        for k, v in self._rows())
-        return f"<table><caption>{html.escape(repr(self))}</caption>{rows}</table>"
+        table = f"<table><caption>{html.escape(repr(self))}</caption>{rows}</table>"
+        png = self._figure()
+        if png is None:
+            return table
+        return (f"<div style='display:flex;gap:1em;align-items:flex-start'>{table}"
+                f"<img src='data:image/png;base64,{png}'/></div>")
 
 
 def _jsonable(obj):
@@ -87,6 +96,11 @@ class SearchResult(_Result):
     def _rows(self):
         return [("difference", self.difference), ("found", f"{self.found:.6g}"),
                 ("evaluations", self.evaluations), ("seed", self.seed), ("seconds", f"{self.seconds:.2f}")]
+
+    def _figure(self):
+        from .figures import output_bars, thumbnail
+        return thumbnail(self.x, self.input_shape, size=1.4) or output_bars(
+            {"model_a": self.output_a, "model_b": self.output_b}, "outputs at the witness")
 
     def plot(self, ax=None):
         """The best value over the search steps."""
@@ -130,6 +144,12 @@ class Certificate(_Result):
                 ("found", f"{self.found:.6g}"), ("gap ratio", f"{self.gap_ratio:.4g}"),
                 ("verdict", self.verdict.value if self.verdict else "-"), ("branches", self.branches),
                 ("seconds", f"{self.seconds:.2f}")]
+
+    def _figure(self):
+        from .figures import interval_png, thumbnail
+        shape = self.region.get("shape") or [len(self.witness or [])]
+        image = thumbnail(self.witness, shape, size=1.4) if self.witness else None
+        return image or interval_png(self.lower, self.upper, self.difference)
 
     def plot(self, ax=None):
         """Per-output certified interval of the difference."""

@@ -194,3 +194,20 @@ def test_html_repr_shows_the_riskiest_points_with_thumbnails():
     page = report._repr_html_()
     assert "riskiest points" in page and page.count("<img") == 3 and "falsified" in page
     assert repr(report).startswith("DriftReport(elementwise over 3/3 points")
+
+
+def test_search_and_certificate_html_show_the_witness_or_the_outputs():
+    image_like = mlp([16, 8, 3], 0)
+    region = LinfBall(torch.full((16,), 0.5, dtype=torch.float64), 0.1)
+    other = shifted(image_like, 0.1)
+    for result in (dp_search(image_like, other, region), certify(image_like, other, region)):
+        page = result._repr_html_()
+        assert page.count("<img") == 1 and repr(result).split("(")[0] in page
+    flat = mlp([3, 5, 2], 0)
+    small = LinfBall(torch.zeros(3, dtype=torch.float64), 0.1)
+    assert dp_search(flat, shifted(flat, 0.1), small)._repr_html_().count("<img") == 1
+
+
+def dp_search(a, b, region):
+    from diffprobe import search
+    return search(a, b, region, steps=5, restarts=2)
