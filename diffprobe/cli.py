@@ -260,8 +260,9 @@ def demo(seed, eps, as_json, quiet):
 @click.option("--out", type=click.Path(dir_okay=False), default="report.html", show_default=True)
 @_friendly
 def report(files, out):
-    """Render saved results (--out JSON of search/certify/compare) as one HTML page with figures;
-    several drift reports at different eps also give the certified-bound-vs-eps curve."""
+    """Render saved results (--out JSON of search/certify/compare/stability, or a result's to_json())
+    as one HTML page with figures; several drift reports at different eps also give the
+    certified-bound-vs-eps curve."""
     from .report import html_report, load_result
     results = [load_result(f) for f in files]
     with open(out, "w") as handle:

@@ -69,10 +69,12 @@ def drift_text(report):
 
 
 def load_result(path):
-    """A saved result (SearchResult, Certificate or DriftReport JSON), its type told by its keys."""
+    """A saved result (search, certificate, drift report, stability study, structural stability or
+    capability study JSON), its type told by its keys."""
     import json
     from .errors import DataError
-    from .results import Certificate, DriftReport, SearchResult
+    from .results import (CapabilityStudy, Certificate, DriftReport, SearchResult, StabilityStudy,
+                          StructuralStability)
     try:
         with open(path) as handle:
             text = handle.read()
@@ -81,7 +83,8 @@ def load_result(path):
         raise DataError(f"{path} is not a readable diffprobe JSON result ({exc})") from exc
     if not isinstance(data, dict):
         raise DataError(f"{path} is not a diffprobe result (expected a JSON object)")
-    for cls, key in ((DriftReport, "points"), (Certificate, "gap_ratio"), (SearchResult, "evaluations")):
+    for cls, key in ((DriftReport, "points"), (Certificate, "gap_ratio"), (SearchResult, "evaluations"),
+                     (StabilityStudy, "ranking"), (StructuralStability, "curves"), (CapabilityStudy, "optimisers")):
         if key in data:
             try:
                 return cls.from_json(text)
@@ -98,7 +101,7 @@ def html_report(results):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from .figures import eps_curve, png_base64, witness_gallery
-    from .results import DriftReport
+    from .results import DriftReport, StabilityStudy
     parts = ["<html><head><meta charset='utf-8'><title>diffprobe report</title></head><body>",
              "<h1>diffprobe report</h1>"]
     drifts = [r for r in results if isinstance(r, DriftReport)]
@@ -115,6 +118,8 @@ def html_report(results):
             gallery = witness_gallery(r.ranked(), r.input_shape)
             if gallery is not None:
                 parts += ["<h3>witnesses of the riskiest points</h3>", _img(png_base64(gallery))]
+        if isinstance(r, StabilityStudy):
+            parts += ["<h3>pairwise distances per axis</h3>", _img(png_base64(r.plot_matrices()))]
     return "\n".join(parts + ["</body></html>"])
 
 

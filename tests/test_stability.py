@@ -124,5 +124,7 @@ def test_stability_cli(tmp_path):
     assert (tmp_path / "s.members").is_dir()
     again = CliRunner().invoke(main, args + ["--resume"])
     assert json.loads(again.stdout)["distances"] == out["distances"]
+    page = CliRunner().invoke(main, ["report", str(tmp_path / "s.json"), "--out", str(tmp_path / "s.html")])
+    assert page.exit_code == 0 and (tmp_path / "s.html").read_text().count("<img") == 2
     bad = CliRunner().invoke(main, ["stability", "--trainer", "nowhere:train", "--quiet"])
     assert bad.exit_code == 1 and "cannot find" in bad.stderr
