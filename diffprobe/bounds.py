@@ -87,7 +87,9 @@ def build_problem(graph, input_shape, spec=None, dtype=torch.float64):
 def _bounded_input(region, lo, hi, l2=True):
     lirpa = import_auto_lirpa()
     if l2 and region.norm == 2.0:
-        center = region.center.unsqueeze(0).to(lo.dtype)
+        # one ball, or (drift) balls of one radius stacked: their centres are already a batch
+        center = region.center.to(lo.dtype)
+        center = center if center.dim() == lo.dim() else center.unsqueeze(0)
         return lirpa.BoundedTensor(center, lirpa.PerturbationLpNorm(norm=2, eps=region.eps))
     return lirpa.BoundedTensor((lo + hi) / 2, lirpa.PerturbationLpNorm(norm=float("inf"), x_L=lo, x_U=hi))
 

@@ -25,7 +25,7 @@ from .differences import get_difference
 from .errors import DataError, RegionError
 from .graph import DifferenceGraph, compose, fit_region
 from .progress import progress_bar
-from .regions import ball
+from .regions import L2Ball, ball
 from .results import DriftReport, Verdict, provenance
 from .search import search_pair
 
@@ -195,12 +195,17 @@ def run_chunk(job):
 
 def _staged_bounds(problem, spec, methods, regions, threshold):
     """Per-row bounds of every region, each method run only on the regions not yet verified.
-    Boxes and L-inf balls go in one batch; an L2 ball is bounded around its own centre."""
-    if any(r.norm == 2.0 for r in regions):
-        parts = [_staged_batch(problem, spec.take([i]), methods, r, *_boxes([r]), threshold)
-                 for i, r in enumerate(regions)]
-        return tuple(torch.cat(t) for t in zip(*parts))
-    return _staged_batch(problem, spec, methods, regions[0], *_boxes(regions), threshold)
+    Boxes and L-inf balls go in one batch, and so do L2 balls of one radius and clip (their
+    centres stacked); any other mix is bounded one region per call."""
+    if all(r.norm != 2.0 for r in regions):
+        return _staged_batch(problem, spec, methods, regions[0], *_boxes(regions), threshold)
+    first = regions[0]
+    if all(isinstance(r, L2Ball) and r.eps == first.eps and r.clip == first.clip for r in regions):
+        stacked = L2Ball(torch.stack([r.center for r in regions]), first.eps, first.clip)
+        return _staged_batch(problem, spec, methods, stacked, *_boxes(regions), threshold, stacked=True)
+    parts = [_staged_batch(problem, spec.take([i]), methods, r, *_boxes([r]), threshold)
+             for i, r in enumerate(regions)]
+    return tuple(torch.cat(t) for t in zip(*parts))
 
 
 def _boxes(regions):
@@ -208,13 +213,15 @@ def _boxes(regions):
             torch.stack([r.bounding_box()[1] for r in regions]))
 
 
-def _staged_batch(problem, spec, methods, region, lo, hi, threshold):
+def _staged_batch(problem, spec, methods, region, lo, hi, threshold, stacked=False):
+    """`stacked`: `region` is L2 balls with their centres stacked, one per box."""
     lower = upper = scores = None
     for name in methods:
         todo = torch.arange(len(lo)) if scores is None or threshold is None else (scores > threshold).nonzero().reshape(-1)
         if not len(todo):
             break
-        l, u, _ = bound_boxes(problem, spec.take(todo), [name], region, lo[todo], hi[todo])
+        part = L2Ball(region.center[todo], region.eps, region.clip) if stacked else region
+        l, u, _ = bound_boxes(problem, spec.take(todo), [name], part, lo[todo], hi[todo])
         if lower is None:
             lower, upper = l, u
         else:

@@ -211,3 +211,13 @@ def test_search_and_certificate_html_show_the_witness_or_the_outputs():
 def dp_search(a, b, region):
     from diffprobe import search
     return search(a, b, region, steps=5, restarts=2)
+
+
+def test_l2_balls_are_bounded_in_one_batch_with_the_same_bounds():
+    from diffprobe import L2Ball
+    a, b = mlp([4, 10, 3], 1), mlp([4, 10, 3], 2)
+    points = torch.rand(4, 4, dtype=torch.float64)
+    report = drift(a, b, points, eps=0.1, norm="2", clip=(0.0, 1.0), threshold=0.0, method="crown")
+    for p in report.points:
+        cert = certify(a, b, L2Ball(points[p["index"]], 0.1, (0.0, 1.0)), method="crown", threshold=0.0)
+        assert p["bound"] == pytest.approx(cert.bound, rel=1e-9)
