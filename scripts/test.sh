@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests notebooks --nbmake
+# one pytest worker per core, one torch thread per worker: the models are small, and torch's
+# default (a thread per core in every worker) oversubscribes the cores several times over
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" .venv/bin/python -m pytest -q -p no:cacheprovider -n auto "$@" tests notebooks --nbmake
