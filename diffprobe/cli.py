@@ -244,14 +244,15 @@ _certify_command("compare", "Search and certify in one report, with a larger sea
 @main.command()
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eps", type=float, default=0.02, show_default=True)
+@click.option("--threshold", type=float, default=3.0, show_default=True, help="allowed logit drift")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @_friendly
-def demo(seed, eps, as_json, quiet):
+def demo(seed, eps, threshold, as_json, quiet):
     """Train a digits classifier and a fine-tuned copy, then search and certify their drift."""
     from .report import demo_text
     from .demo import run_demo
-    report = run_demo(seed=seed, eps=eps, progress=not quiet)
+    report = run_demo(seed=seed, eps=eps, threshold=threshold, progress=not quiet)
     click.echo(json.dumps(report["json"]) if as_json else demo_text(report))
 
 

@@ -77,7 +77,7 @@ def accuracy(model, x, y):
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def run_demo(seed=0, eps=0.02, points=3, threshold=1.0, progress=False):
+def run_demo(seed=0, eps=0.02, points=3, threshold=3.0, progress=False):
     """The demo's data: the pair's accuracies and, around a few test images, a certificate of the
     logit drift (with its witness) and of top-1 agreement."""
     from .certification import certify

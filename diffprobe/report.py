@@ -37,7 +37,7 @@ def demo_text(report):
     for r in report["rows"]:
         d, t = r["drift"], r["top1"]
         agree = {"verified": "certified", "falsified": "FLIP FOUND", "unknown": "unknown"}[t.verdict.value]
-        lines.append(f"{r['index']:>5}  {d.found:>14.4g}  {d.bound:>10.4g}  {d.gap_ratio:>6.3f}  "
+        lines.append(f"{r['index']:>5}  {d.found:>14.5g}  {d.bound:>10.5g}  {d.gap_ratio:>6.3f}  "
                      f"{d.verdict.value:>14}  {agree:>16}")
     lines += ["", "found: a witness input inside the ball (lower bound); certified: auto_LiRPA bound "
               "over the whole ball (upper bound)."]

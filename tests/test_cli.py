@@ -143,3 +143,12 @@ def test_report_renders_saved_results(pair):
     (pair / "junk.json").write_text("[1, 2]")
     r = run("report", pair / "junk.json", "--out", pair / "x.html")
     assert r.exit_code == 1 and "not a diffprobe result" in r.stderr
+
+
+def test_demo_runs_and_answers_in_json():
+    r = run("demo", "--json", "--quiet", "--eps", 0.01)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["eps"] == 0.01 and out["threshold"] == 3.0 and len(out["points"]) == 3
+    for p in out["points"]:
+        assert p["drift"]["found"] <= p["drift"]["bound"] and p["drift"]["verdict"] in ("verified", "falsified", "unknown")
