@@ -40,7 +40,7 @@ class Problem:
     module: object
     spec: torch.Tensor  # [rows, outputs] or [boxes, rows, outputs]; None: the outputs themselves
     dtype: torch.dtype = torch.float64
-    differential: object = None  # the differential engine, built on first use
+    differential: object = None  # the differential engine (False: not applicable), built on first use
 
 
 class _UnsupportedCollector(logging.Handler):
@@ -123,22 +123,29 @@ def _lirpa_call(problem, x, method):
     return lower.detach(), upper.detach()
 
 
+def differential_engine(problem):
+    """The differential engine when the problem is an elementwise difference of two matching
+    Linear/ReLU chains, else None; built once per problem."""
+    if problem.differential is None:
+        from .differential import DifferentialBounds, matching_chains
+        chains = matching_chains(problem.graph.pair) if problem.graph.kind == "elementwise" else None
+        problem.differential = DifferentialBounds(chains) if chains is not None else False
+    return problem.differential or None
+
+
 @register_method("differential")
 def differential(problem, region, lo, hi):
     """Differential bounds of model_b - model_a (see diffprobe.differential); box regions only,
     an L2 ball is bounded through its bounding box."""
-    from .differential import DifferentialBounds, matching_chains
     if problem.graph.kind != "elementwise":
         raise UnsupportedOperationError([problem.graph.kind], what="the differential method",
                                         hint="it bounds the elementwise difference only")
-    if problem.differential is None:
-        chains = matching_chains(problem.graph.pair)
-        if chains is None:
-            raise UnsupportedOperationError(
-                ["layer structures that do not match"], what="the differential method",
-                hint="it needs two Linear/ReLU chains of equal shapes; use crown")
-        problem.differential = DifferentialBounds(chains)
-    return problem.differential.bounds(lo, hi)
+    engine = differential_engine(problem)
+    if engine is None:
+        raise UnsupportedOperationError(
+            ["layer structures that do not match"], what="the differential method",
+            hint="it needs two Linear/ReLU chains of equal shapes; use crown")
+    return engine.bounds(lo, hi)
 
 
 @register_method("ibp")

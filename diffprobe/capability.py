@@ -104,10 +104,11 @@ def digits_run(config):
     recorder = CapabilityRecorder(lambda m: nn.functional.cross_entropy(m(x), y),
                                   lambda m: nn.functional.cross_entropy(m(x_test), y_test))
     recorder(model.eval())
+    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
     for epoch in range(int(config["epochs"])):
         lr = config["lr"] / (1 + 0.3 * epoch) if config["decay"] else config["lr"]
         sgd(model, x, y, {**config, "lr": lr, "epochs": 1, "data_order": int(config["data_order"]) * 1000 + epoch},
-            recorder)
+            recorder, opt)
     return recorder
 
 

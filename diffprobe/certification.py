@@ -6,13 +6,13 @@ import time
 
 import torch
 
-from .bounds import METHODS, build_problem
+from .bounds import METHODS, build_problem, differential_engine
 from .differences import get_difference
 from .errors import DiffprobeError, UnsupportedOperationError
 from .graph import DifferenceGraph, compose, fit_region
 from .results import Certificate, Verdict, provenance
 from .progress import progress_bar
-from .search import search_pair
+from .search import search_pair, warn_masking
 
 _INF = float("inf")
 
@@ -87,15 +87,14 @@ def bound_boxes(problem, spec, methods, region, lo, hi):
     return lower, upper, spec.scalar(lower, upper)
 
 
-def methods_for(method, pair, kind, budget):
+def methods_for(method, problem, budget):
     """`auto`: CROWN, plus the differential bounds when the two layer structures match (the
     intersection is never looser than either), plus alpha-CROWN for small single-pass problems.
     Cheapest first, so a caller with a threshold can stop once a box is verified."""
     if method == "auto":
-        from .differential import matching_chains
-        if kind == "elementwise" and matching_chains(pair) is not None:
+        if differential_engine(problem) is not None:
             return ["differential", "crown"]
-        if not budget and sum(p.numel() for p in pair.parameters()) <= 200_000:
+        if not budget and sum(p.numel() for p in problem.graph.pair.parameters()) <= 200_000:
             return ["crown", "alpha-crown"]
         return ["crown"]
     if method not in METHODS:
@@ -123,14 +122,10 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
     """
     t0 = time.perf_counter()
     diff = get_difference(difference)
-    pair = compose(model_a, model_b, region)
-    region = fit_region(region, pair.input_shape)
-    pair64 = copy.deepcopy(pair).double()
-    spec = Spec(diff, pair64, region.center.unsqueeze(0))
-    problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair.input_shape)
-    methods = methods_for(method, pair64, spec.graph_kind, time_budget)
+    pair64, (region,), spec, problem, methods = prepare(model_a, model_b, [region], diff, method, time_budget)
     witness = search_pair(pair64, diff, region, steps=search_steps, restarts=search_restarts,
                           seed=seed, threshold=threshold)
+    warn_masking(witness.warnings)
     state = BranchAndBound(problem, spec, methods, region, pair64, diff, witness)
     if method == "auto" and spec.kind == "elementwise" and "differential" not in methods:
         state.notes.append("the two layer structures do not match (or are not Linear/ReLU chains): "
@@ -139,6 +134,16 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
         state.run(t0 + time_budget, threshold, tolerance, progress)
     return state.certificate(method if method != "auto" else "auto(" + "+".join(methods) + ")",
                              threshold, seed, time.perf_counter() - t0)
+
+
+def prepare(model_a, model_b, regions, diff, method, budget):
+    """What bounding needs, shared by `certify` and `drift`: the float64 pair, the regions in its
+    input shape, their spec, the traced problem and the methods to run (cheapest first)."""
+    pair64 = copy.deepcopy(compose(model_a, model_b, regions[0])).double()
+    regions = [fit_region(r, pair64.input_shape) for r in regions]
+    spec = Spec(diff, pair64, torch.stack([r.center for r in regions]))
+    problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair64.input_shape)
+    return pair64, regions, spec, problem, methods_for(method, problem, budget)
 
 
 class BranchAndBound:

@@ -2,8 +2,10 @@
 
 Exit codes: 0 success / verified, 10 falsified, 5 unknown, 1 errors, 2 usage (click's).
 """
+import contextlib
 import functools
 import json
+import math
 import sys
 
 import click
@@ -99,9 +101,7 @@ def make_region(model_a, model_b, vnnlib, center, index, eps, norm, clip, box):
         raise RegionError("--center needs --eps E (the ball radius)")
     points = load_tensor(center)
     shape = common_input_shape(model_a, model_b)
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     if points.numel() != n:
         if points.numel() % n or not 0 <= index < points.numel() // n:
             raise RegionError(f"{center} holds {points.numel()} values, not a whole number of inputs of "
@@ -195,8 +195,6 @@ def data_options(fn):
 
 def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method, time_budget, jobs,
            out, resume, seed, search_steps, as_json, quiet, to_mlflow):
-    import concurrent.futures
-    import multiprocessing
     import os
     from . import drift
     from .data import load_tensor
@@ -205,22 +203,32 @@ def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, met
         raise RegionError("--resume needs --out FILE (the run to continue is recorded next to it)")
     if threshold is None and not top1:
         raise RegionError("--data needs --threshold T (or --top1)")
-    executor = None
-    if jobs > 1:
-        executor = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
-    try:
+    with process_pool(jobs) as executor:
         report = drift(a, b, data, labels=load_tensor(labels) if labels else None, eps=eps,
                        norm=norm, clip=clip, threshold=threshold, difference=difference, top1=top1,
                        method=method, time_budget_per_point=time_budget, executor=executor,
                        threads_per_job=max(1, (os.cpu_count() or 1) // jobs) if executor else 0,
                        search_steps=search_steps, seed=seed, checkpoint=checkpoint_path(out),
                        resume=resume, progress=not quiet)
-    finally:
-        if executor is not None:
-            executor.shutdown(cancel_futures=True)
     _save(report, out)
     emit(report, as_json, drift_text(report), to_mlflow)
     sys.exit(130 if report.total > len(report.points) else EXIT[report.verdict])
+
+
+@contextlib.contextmanager
+def process_pool(jobs):
+    """A spawn process pool for --jobs N > 1 (workers import torch afresh rather than fork a
+    threaded parent), else None; pending jobs are cancelled on the way out."""
+    if jobs <= 1:
+        yield None
+        return
+    import concurrent.futures
+    import multiprocessing
+    executor = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield executor
+    finally:
+        executor.shutdown(cancel_futures=True)
 
 
 def checkpoint_path(out):
@@ -294,8 +302,6 @@ def stability(trainer, axes, members, data, eps, norm, clip, regions, rank_by, j
               as_json, quiet):
     """How far apart do models trained with perturbed initial conditions land? Trains MEMBERS
     models per axis, measures pairwise distances, ranks the axes by spread."""
-    import concurrent.futures
-    import multiprocessing
     import shutil
     from pathlib import Path
     from . import stability as run_study
@@ -305,15 +311,10 @@ def stability(trainer, axes, members, data, eps, norm, clip, regions, rank_by, j
     members_dir = Path(out).with_suffix(".members") if out else None
     if members_dir and members_dir.exists() and not resume:
         shutil.rmtree(members_dir)
-    executor = (concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
-                if jobs > 1 else None)
-    try:
+    with process_pool(jobs) as executor:
         study = run_study(trainer, axes=parse_axes(axes), members=members, heldout=data, eps=eps, norm=norm,
                           clip=clip, regions=regions, rank_by=rank_by, executor=executor,
                           members_dir=members_dir, seed=seed, progress=not quiet)
-    finally:
-        if executor is not None:
-            executor.shutdown(cancel_futures=True)
     _save(study, out)
     emit(study, as_json, stability_text(study))
 

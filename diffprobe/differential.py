@@ -147,16 +147,18 @@ class DifferentialBounds:
 
     def __init__(self, chains):
         self.a, self.b = chains
+        # (W'_k - W_k, b'_k - b_k) per layer, used by every back-substitution
+        self.delta = [(wb - wa, bb - ba) for (wa, ba), (wb, bb) in zip(self.a, self.b)]
 
     def lower(self, spec_d, k, lo, hi, relax_a, relax_d):
         """Lower bound of spec_d · D_k over boxes [B, n] (spec_d: [B, m, n_k])."""
         lam_z = torch.zeros_like(spec_d)
         lam_d, const = spec_d, torch.zeros(spec_d.shape[:2], dtype=spec_d.dtype)
         for j in range(k, -1, -1):
-            (wa, ba), (wb, bb) = self.a[j], self.b[j]
+            (wa, ba), (wb, _), (dw, db) = self.a[j], self.b[j], self.delta[j]
             # z_j = W_j h + b_j ;  D_j = W'_j E + (W'_j - W_j) h + (b'_j - b_j)
-            const = const + lam_z @ ba + lam_d @ (bb - ba)
-            lam_h = lam_z @ wa + lam_d @ (wb - wa)
+            const = const + lam_z @ ba + lam_d @ db
+            lam_h = lam_z @ wa + lam_d @ dw
             lam_e = lam_d @ wb
             if j == 0:
                 return _concretize_lower(lam_h, const, lo, hi)
@@ -209,16 +211,15 @@ class DifferentialBounds:
         h_a = h_b = (lo, hi)
         e = (torch.zeros_like(lo), torch.zeros_like(lo))
         for k in range(len(self.a) - 1):
-            (wa, ba), (wb, bb) = self.a[k], self.b[k]
+            (wa, ba), (wb, bb), (dw, db) = self.a[k], self.b[k], self.delta[k]
             l, u = _affine_interval(wa, ba, *h_a)
             lp, up = _affine_interval(wb, bb, *h_b)
-            dl, du = _sum(_affine_interval(wb, torch.zeros_like(bb), *e), _affine_interval(wb - wa, bb - ba, *h_a))
+            dl, du = _sum(_affine_interval(wb, torch.zeros_like(bb), *e), _affine_interval(dw, db, *h_a))
             if k > 0:  # the first layer's intervals are exact
                 l, u = self._refined(lambda s, i: self.single_lower(self.a, s, k, lo[i], hi[i], _take(relax_a, i)),
                                      _unstable(l, u), l, u)
                 lp, up = self._refined(lambda s, i: self.single_lower(self.b, s, k, lo[i], hi[i], _take(relax_b, i)),
                                        _unstable(lp, up), lp, up)
-                dl, du = torch.maximum(dl, lp - u), torch.minimum(du, up - l)
                 dl, du = self._refined(lambda s, i: self.lower(s, k, lo[i], hi[i], _take(relax_a, i), _take(relax_d, i)),
                                        ~_exact_pattern(l, u, lp, up), dl, du)
             dl, du = torch.maximum(dl, lp - u), torch.minimum(du, up - l)

@@ -8,26 +8,24 @@ still undecided, within a per-point budget. Chunks of points are independent job
 interrupted run keeps its work and `resume=True` continues it.
 """
 import concurrent.futures
-import copy
 import hashlib
 import json
+import math
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .bounds import build_problem
-from .certification import BranchAndBound, Spec, bound_boxes, methods_for, verdict_of
+from .certification import BranchAndBound, bound_boxes, prepare, verdict_of
 from .data import load_points
 from .differences import get_difference
 from .errors import DataError, RegionError
-from .graph import DifferenceGraph, compose, fit_region
+from .graph import compose
 from .progress import progress_bar
 from .regions import L2Ball, ball
 from .results import DriftReport, Verdict, provenance
-from .search import search_pair
+from .search import MASKING, search_pair
 
 _CHECKPOINT_VERSION = 1
 
@@ -102,8 +100,7 @@ def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, diffe
         except KeyboardInterrupt:
             notes.append(f"interrupted: {len(records)} of {len(regions)} points finished"
                          + (f"; resume from {checkpoint}" if checkpoint else ""))
-    return _report(model_a, model_b, regions, records, labels, sources, settings, eps, norm, notes,
-                   time.perf_counter() - t0)
+    return _report(regions, records, labels, sources, settings, notes, time.perf_counter() - t0)
 
 
 def _run(jobs, executor):
@@ -154,10 +151,7 @@ def _regions(model_a, model_b, points, eps, norm, clip):
     if eps is None:
         raise RegionError("drift over data points needs eps (the radius of the ball around each point)")
     shape = compose(model_a, model_b).input_shape
-    n = 1
-    for s in shape:
-        n *= s
-    if points[0].numel() != n:
+    if points[0].numel() != math.prod(shape):
         raise DataError(f"data points have {points[0].numel()} values but the models take inputs of "
                         f"shape {list(shape)}; give data of shape [n, {', '.join(map(str, shape))}]")
     return [ball(p.reshape(shape), eps, norm, clip) for p in points]
@@ -169,23 +163,19 @@ def run_chunk(job):
         torch.set_num_threads(job.threads)
     s = job.settings
     diff = get_difference(s.difference)
-    pair64 = copy.deepcopy(compose(job.model_a, job.model_b, job.regions[0])).double()
-    regions = [fit_region(r, pair64.input_shape) for r in job.regions]
-    centers = torch.stack([r.center for r in regions]).to(torch.float64)
-    spec = Spec(diff, pair64, centers)
-    problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair64.input_shape)
-    methods = methods_for(s.method, pair64, spec.graph_kind, s.time_budget)
+    pair64, regions, spec, problem, methods = prepare(job.model_a, job.model_b, job.regions, diff, s.method,
+                                                      s.time_budget)
     lower, upper, scores = _staged_bounds(problem, spec, methods, regions, s.threshold)
     with torch.no_grad():
-        a, b = pair64.outputs(centers)
+        a, b = pair64.outputs(torch.stack([r.center for r in regions]).to(torch.float64))
         at_center = diff(a, b)
+    classes = a.shape[1] > 1
     records = []
     for i, region in enumerate(regions):
         t0 = time.perf_counter()
         initial = (lower[i:i + 1], upper[i:i + 1], scores[i:i + 1])
         record = _point(pair64, diff, problem, spec.take([i]), methods, region, initial,
                         at_center[i].item(), s)
-        classes = a.shape[1] > 1
         record.update(index=job.indices[i], label_a=int(a[i].argmax()) if classes else None,
                       label_b=int(b[i].argmax()) if classes else None,
                       seconds=record["seconds"] + time.perf_counter() - t0)
@@ -238,10 +228,8 @@ def _point(pair64, diff, problem, spec, methods, region, initial, at_center, s):
     if s.threshold is not None and bound <= s.threshold and at_center <= s.threshold:
         record.update(verdict=verdict_of(bound, at_center, s.threshold).value, seconds=time.perf_counter() - t0)
         return record
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # kept per point in the notes; summarised in the report
-        witness = search_pair(pair64, diff, region, steps=s.search_steps, restarts=s.search_restarts,
-                              seed=s.seed, threshold=s.threshold)
+    witness = search_pair(pair64, diff, region, steps=s.search_steps, restarts=s.search_restarts,
+                          seed=s.seed, threshold=s.threshold)
     state = BranchAndBound(problem, spec, methods, region, pair64, diff, witness, initial)
     if s.time_budget and region.norm != 2.0:
         state.run(time.perf_counter() + s.time_budget, s.threshold, 0.05, False)
@@ -307,7 +295,7 @@ def _overall(counts, total, threshold):
     return Verdict.VERIFIED if counts["verified"] == total else Verdict.UNKNOWN
 
 
-def _report(model_a, model_b, regions, records, labels, sources, settings, eps, norm, notes, seconds):
+def _report(regions, records, labels, sources, settings, notes, seconds):
     points = [records[i] for i in sorted(records)]
     if sources is not None:
         for p in points:
@@ -316,14 +304,13 @@ def _report(model_a, model_b, regions, records, labels, sources, settings, eps, 
         for p in points:
             p["label"] = int(labels[p["index"]])
     counts = {v: sum(p["verdict"] == v for p in points) for v in ("verified", "falsified", "unknown")}
-    masked = sum(any("gradients may be masked" in n for n in p["notes"]) for p in points)
+    masked = sum(any(n.endswith(MASKING) for n in p["notes"]) for p in points)
     if masked:
-        notes = notes + [f"gradient-free search beat the gradient search on {masked} points: gradients "
-                         "may be masked (rounded or quantised model)"]
+        notes = notes + [f"gradient-free search beat the gradient search on {masked} points: {MASKING}"]
     done = len(points)
     accuracy = lambda key: (sum(p[key] == p["label"] for p in points) / done) if labels is not None and done else None
     return DriftReport(
-        difference=settings.difference, eps=eps, norm=str(norm), threshold=settings.threshold,
+        difference=settings.difference, eps=settings.eps, norm=settings.norm, threshold=settings.threshold,
         method=settings.method, points=points, counts=counts, total=len(regions),
         bound=max((p["bound"] for p in points), default=None),
         found=max((p["found"] for p in points), default=None),

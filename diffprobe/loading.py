@@ -3,7 +3,6 @@
 Safe by default: state_dicts load with `weights_only=True`; anything that can run code when
 loaded (a pickled module, a torch.export `.pt2`) needs `trust=True`.
 """
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -43,10 +42,6 @@ def sniff_format(path):
     raise CheckpointError(
         f"{path}: unknown model format; diffprobe reads ONNX, NNet, safetensors, torch state_dicts "
         "(with --arch), and with --trust pickled modules and torch.export .pt2 files")
-
-
-def file_sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_model(path, *, arch=None, arch_kwargs=None, trust=False, normalize=False):

@@ -108,15 +108,14 @@ class _Evaluator:
         return points[values.argsort(descending=True)[:keep]]
 
 
-def _apgd(evaluate, region, x0, steps, threshold, progress, generator=None, reserve=None):
+def _apgd(evaluate, region, x0, steps, threshold, progress, generator, reserve):
     """Batched APGD; returns best points, best values and the trace of the overall best.
 
     A restart that has already had its step halved and has not improved for one check (two
-    above 32 input dimensions; a check every tenth of the steps) has converged to a local maximum: its best point is archived and it starts again
-    from the next `reserve` point (screened candidates, best first) or a fresh random one, so on
-    jagged landscapes (quantised copies, low-dimensional inputs) the budget buys many short
-    ascents instead of a few stuck ones."""
-    reserve = reserve if reserve is not None else x0[:0]
+    above 32 input dimensions; a check every tenth of the steps) has converged to a local
+    maximum: its best point is archived and it starts again from the next `reserve` point
+    (screened candidates, best first) or a fresh random one, so on jagged landscapes (quantised
+    copies, low-dimensional inputs) the budget buys many short ascents instead of a few stuck ones."""
     dtype = x0.dtype
     scale = _step_scale(region, dtype)
     eta = torch.full((x0.shape[0],) + (1,) * (x0.dim() - 1), 2.0, dtype=dtype)
@@ -159,7 +158,7 @@ def _apgd(evaluate, region, x0, steps, threshold, progress, generator=None, rese
                 value, grad = evaluate.value_and_grad(x)
             improved.zero_()
             last_cp = step
-        if generator is not None and step % check_every == 0 and step < steps:
+        if step % check_every == 0 and step < steps:
             stale = torch.where(best <= best_at_check, stale + 1, torch.zeros_like(stale))
             converged = (eta.reshape(-1) < 2.0) & (stale >= stale_checks)
             stale[converged] = 0
@@ -215,10 +214,23 @@ def search(model_a, model_b, region, *, difference="elementwise", steps=100, res
     if steps < 1 or restarts < 1:
         raise RegionError(f"steps and restarts must be >= 1 (got {steps}, {restarts})")
     pair = compose(model_a, model_b, region)
-    return search_pair(copy.deepcopy(pair).double(), objective_of(difference),
-                       fit_region(region, pair.input_shape), steps=steps, restarts=restarts, seed=seed,
-                       threshold=threshold, starts=starts, random_fraction=random_fraction,
-                       screen_fraction=screen_fraction, progress=progress)
+    result = search_pair(copy.deepcopy(pair).double(), objective_of(difference),
+                         fit_region(region, pair.input_shape), steps=steps, restarts=restarts, seed=seed,
+                         threshold=threshold, starts=starts, random_fraction=random_fraction,
+                         screen_fraction=screen_fraction, progress=progress)
+    warn_masking(result.warnings)
+    return result
+
+
+MASKING = "gradients may be masked (rounded or quantised model)"
+
+
+def warn_masking(notes, stacklevel=3):
+    """The public entry points (search, certify) raise the masking note as a Python warning too;
+    internal callers (drift over many points) keep it in the notes only."""
+    for note in notes:
+        if note.endswith(MASKING):
+            warnings.warn(note, stacklevel=stacklevel)
 
 
 def objective_of(difference):
@@ -249,10 +261,8 @@ def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, 
             if budget and (threshold is None or max(trace) <= threshold):
                 rx, rv, rtrace = _random_search(evaluate, region, best_x, best, budget, generator)
                 if rv > best.max() + 1e-12 * max(1.0, abs(best.max().item())) and not zero_grad:
-                    msg = (f"gradient-free search beat the gradient search ({rv.item():.4g} > "
-                           f"{best.max().item():.4g}): gradients may be masked (rounded or quantised model)")
-                    notes.append(msg)
-                    warnings.warn(msg, stacklevel=3)
+                    notes.append(f"gradient-free search beat the gradient search ({rv.item():.4g} > "
+                                 f"{best.max().item():.4g}): {MASKING}")
                 best_x, best = torch.cat([best_x, rx]), torch.cat([best, rv.reshape(1)])
                 trace += [max(trace[-1], v) for v in rtrace]
         except KeyboardInterrupt:

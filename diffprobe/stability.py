@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .data import load_points
+from .differences import DIFFERENCES
 from .errors import DataError, DiffprobeError
 from .loading import resolve_callable
 from .progress import progress_bar
@@ -63,9 +64,8 @@ class _MemberStore:
     """Trained members by config, saved as safetensors beside the study when the trainer can
     rebuild its architecture (so an interrupted study resumes without retraining)."""
 
-    def __init__(self, folder, trainer):
-        self.folder = Path(folder) if folder else None
-        self.rebuild = getattr(_resolved(trainer), "architecture", None)
+    def __init__(self, folder, rebuild):
+        self.folder, self.rebuild = (Path(folder) if folder else None), rebuild
         self.models = {}
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -114,9 +114,9 @@ def stability(trainer, *, axes=("seed", "bootstrap", "lr"), members=4, base=None
     x = _heldout(heldout, train)
     axes = [tuple(a) if isinstance(a, (list, tuple)) else a for a in axes]
     plan = {_axis_name(a): [{**base, _axis_name(a): v} for v in axis_values(a, members, base)] for a in axes}
-    store = _MemberStore(members_dir, trainer)
+    store = _MemberStore(members_dir, getattr(train, "architecture", None))
     notes = []
-    models = _train_all(trainer, plan, store, executor, progress, notes)
+    models = _train_all(trainer, train, plan, store, executor, progress, notes)
     result = {}
     with progress_bar(progress, len(plan), desc="distances") as bar:
         for name, configs in plan.items():
@@ -155,8 +155,10 @@ def _heldout(heldout, train):
     return x
 
 
-def _train_all(trainer, plan, store, executor, progress, notes):
-    """Every distinct member once (configs shared between axes are trained once)."""
+def _train_all(trainer, train, plan, store, executor, progress, notes):
+    """Every distinct member once (configs shared between axes are trained once): here with the
+    resolved `train`, or through the executor with `trainer` as given (a 'module:function' string
+    travels to worker processes where a function defined in a file might not)."""
     configs = {_key(c): c for cs in plan.values() for c in cs}
     todo = {k: c for k, c in configs.items() if store.get(k, c) is None}
     if len(todo) < len(configs):
@@ -164,7 +166,7 @@ def _train_all(trainer, plan, store, executor, progress, notes):
     with progress_bar(progress, len(todo), desc="training") as bar:
         if executor is None:
             for k, c in todo.items():
-                store.put(k, _train_member(trainer, c))
+                store.put(k, _train_member(train, c))
                 bar.update(1)
         else:
             import concurrent.futures
@@ -176,13 +178,14 @@ def _train_all(trainer, plan, store, executor, progress, notes):
 
 
 @torch.no_grad()
-def _sampled(a, b, x):
-    la = torch.log_softmax(a(x.to(_dtype(a))).double().reshape(len(x), -1), 1)
-    lb = torch.log_softmax(b(x.to(_dtype(b))).double().reshape(len(x), -1), 1)
-    kl = (la.exp() * (la - lb)).sum(1).mean().item()
-    m = torch.logsumexp(torch.stack([la, lb]), 0) - math.log(2)
-    js = (0.5 * (la.exp() * (la - m) + lb.exp() * (lb - m))).sum(1).mean().item()
-    return {"kl": kl, "js": js, "disagreement": (la.argmax(1) != lb.argmax(1)).double().mean().item()}
+def _outputs(model, x):
+    return model(x.to(_dtype(model))).double().reshape(len(x), -1)
+
+
+def _sampled(a, b):
+    """Average-case distances between two members' outputs on the same held-out inputs."""
+    return {"kl": DIFFERENCES["kl"](a, b).mean().item(), "js": DIFFERENCES["js"](a, b).mean().item(),
+            "disagreement": (a.argmax(1) != b.argmax(1)).double().mean().item()}
 
 
 def _dtype(model):
@@ -191,19 +194,26 @@ def _dtype(model):
 
 def _distances(models, x, eps, norm, clip, regions, search_steps, seed):
     """Pairwise distance matrices [members x members] per metric (KL is asymmetric)."""
-    from .drift import drift
     n = len(models)
     out = {m: [[0.0] * n for _ in range(n)] for m in SAMPLED + (WORST if regions else ())}
     centers = x[:regions].reshape(regions, -1) if regions else None
+    outputs = [_outputs(m, x) for m in models]
     for i, j in itertools.permutations(range(n), 2):
-        for metric, value in _sampled(models[i], models[j], x).items():
+        for metric, value in _sampled(outputs[i], outputs[j]).items():
             out[metric][i][j] = value
         if regions and i < j:
-            report = drift(models[i], models[j], centers, eps=eps, norm=norm, clip=clip,
-                           search_steps=search_steps, search_restarts=4, seed=seed)
-            out["found"][i][j] = out["found"][j][i] = report.found
-            out["certified"][i][j] = out["certified"][j][i] = report.bound
+            worst = _worst_case(models[i], models[j], centers, eps, norm, clip, search_steps, seed)
+            out["found"][i][j] = out["found"][j][i] = worst["found"]
+            out["certified"][i][j] = out["certified"][j][i] = worst["certified"]
     return out
+
+
+def _worst_case(a, b, centers, eps, norm, clip, search_steps, seed):
+    """The largest difference found by search and the certified bound over balls around `centers`."""
+    from .drift import drift
+    report = drift(a, b, centers, eps=eps, norm=norm, clip=clip, search_steps=search_steps,
+                   search_restarts=4, seed=seed)
+    return {"found": report.found, "certified": report.bound}
 
 
 def _spread(matrix, seed, resamples=1000):
@@ -256,28 +266,22 @@ def structural_stability(model, heldout, *, kinds=("dropout", "dropconnect", "no
     """Drift of `model` against perturbed copies of itself, per perturbation kind and scale:
     sampled KL / disagreement on `heldout`, and the worst case found and certified over balls
     around the first `regions` held-out points (mean over `samples` perturbed copies)."""
-    from .drift import drift
     t0 = time.perf_counter()
     x = torch.as_tensor(heldout).to(torch.float64)
     centers = x[:regions].reshape(regions, -1) if regions else None
-    curves = {}
+    reference = _outputs(model, x)
     gen = torch.Generator().manual_seed(seed)
+
+    def measured(other):
+        v = _sampled(reference, _outputs(other, x))
+        return {**v, **_worst_case(model, other, centers, eps, norm, clip, search_steps, seed)} if regions else v
+
+    curves = {kind: [] for kind in kinds}
     with progress_bar(progress, len(kinds) * len(scales), desc="structural") as bar:
-        for kind in kinds:
-            rows = []
-            for scale in scales:
-                values = []
-                for _ in range(samples):
-                    other = perturbed(model, kind, scale, gen)
-                    v = _sampled(model, other, x)
-                    if regions:
-                        report = drift(model, other, centers, eps=eps, norm=norm, clip=clip,
-                                       search_steps=search_steps, search_restarts=4, seed=seed)
-                        v.update(found=report.found, certified=report.bound)
-                    values.append(v)
-                rows.append({"scale": scale, **{k: sum(v[k] for v in values) / samples for k in values[0]}})
-                bar.update(1)
-            curves[kind] = rows
+        for kind, scale in itertools.product(kinds, scales):
+            values = [measured(perturbed(model, kind, scale, gen)) for _ in range(samples)]
+            curves[kind].append({"scale": scale, **{k: sum(v[k] for v in values) / samples for k in values[0]}})
+            bar.update(1)
     return StructuralStability(kinds=list(kinds), scales=list(scales), samples=samples, curves=curves,
                                eps=eps, regions=regions, seconds=time.perf_counter() - t0,
                                provenance=provenance(seed))

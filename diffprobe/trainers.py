@@ -22,10 +22,15 @@ def bootstrap_indices(n, seed):
     return torch.randint(n, (n,), generator=torch.Generator().manual_seed(int(seed)))
 
 
-def sgd(model, x, y, config, recorder=None):
-    """Plain minibatch SGD with momentum on cross-entropy; `recorder(model)` after each epoch."""
+def sgd(model, x, y, config, recorder=None, opt=None):
+    """Plain minibatch SGD with momentum on cross-entropy; `recorder(model)` after each epoch.
+    A caller that trains in several calls (a learning-rate schedule) passes its `opt`, so the
+    momentum carries over; its learning rate is set to config["lr"]."""
     order_gen = torch.Generator().manual_seed(int(config["data_order"]))
-    opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
+    if opt is None:
+        opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"])
+    for group in opt.param_groups:
+        group["lr"] = config["lr"]
     for _ in range(int(config["epochs"])):
         model.train()
         for idx in torch.randperm(len(x), generator=order_gen).split(int(config["batch"])):

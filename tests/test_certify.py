@@ -4,10 +4,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 from diffprobe import Box, L2Ball, LinfBall, UnsupportedOperationError, Verdict, certify, get_difference
-from diffprobe.bounds import METHODS
 from diffprobe.graph import compose
 from diffprobe.layers import Network
-from conftest import mlp, shifted, examples
+from conftest import mlp, examples
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from diffprobe.cli import main
-from conftest import mlp, shared
+from conftest import shared
 
 
 def factory(shift=0.0):

@@ -5,7 +5,7 @@ from torch import nn
 
 from diffprobe import CheckpointError, UnsafeCheckpointError, UnsupportedOperationError, load_model
 from diffprobe.loading import sniff_format
-from conftest import mlp, shared
+from conftest import shared
 
 
 def factory(hidden=8):
