@@ -113,7 +113,9 @@ def _lirpa_call(problem, x, method):
     if problem.spec is not None:  # one spec for all boxes [rows, outputs], or one per box
         spec = problem.spec.to(problem.dtype)
         spec = spec.expand(x.shape[0], -1, -1) if spec.dim() == 2 or len(spec) == 1 else spec
-    with traced(problem.dtype), _quiet_lirpa_logger():
+    with traced(problem.dtype), _quiet_lirpa_logger(), warnings.catch_warnings():
+        # 0.3 warns about every identity matrix it builds for a BatchNorm layer's bounds
+        warnings.filterwarnings("ignore", message="Creating an identity matrix")
         try:
             lower, upper = problem.module.compute_bounds(x=(x,), C=spec, method=method)
         except (NotImplementedError, AssertionError, RuntimeError) as exc:
@@ -125,7 +127,7 @@ def _lirpa_call(problem, x, method):
 
 def differential_engine(problem):
     """The differential engine when the problem is an elementwise difference of two matching
-    Linear/ReLU chains, else None; built once per problem."""
+    affine/ReLU chains, else None; built once per problem."""
     if problem.differential is None:
         from .differential import DifferentialBounds, matching_chains
         chains = matching_chains(problem.graph.pair) if problem.graph.kind == "elementwise" else None
@@ -144,7 +146,8 @@ def differential(problem, region, lo, hi):
     if engine is None:
         raise UnsupportedOperationError(
             ["layer structures that do not match"], what="the differential method",
-            hint="it needs two Linear/ReLU chains of equal shapes; use crown")
+            hint="it needs two chains of affine layers (Linear, Conv, BatchNorm, AvgPool) and ReLUs "
+                 "of equal depth; use crown")
     return engine.bounds(lo, hi)
 
 

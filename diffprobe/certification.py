@@ -128,7 +128,7 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
     warn_masking(witness.warnings)
     state = BranchAndBound(problem, spec, methods, region, pair64, diff, witness)
     if method == "auto" and spec.kind == "elementwise" and "differential" not in methods:
-        state.notes.append("the two layer structures do not match (or are not Linear/ReLU chains): "
+        state.notes.append("the two layer structures do not match (or are not affine/ReLU chains): "
                            "bounded on the composed graph, without the differential method")
     if time_budget and region.norm != 2.0:
         state.run(t0 + time_budget, threshold, tolerance, progress)

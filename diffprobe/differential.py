@@ -7,75 +7,161 @@ E_k = h'_k - h_k (post-activations), with
 and E = relu(z + D) - relu(z) relaxed by chords in D (exact when both neurons are stable).
 A linear form over (h_k, E_k) is back-substituted to the input as in CROWN; intermediate bounds of
 z_k, z'_k and D_k come from the same backward pass started at each layer, D_k's intersected with
-[l'_k - u_k, u'_k - l_k]. Works on Linear/ReLU chains (with Flatten, identity and elementwise
-affine layers folded in) whose two layer structures match.
+[l'_k - u_k, u'_k - l_k]. Works on chains of affine layers (Linear, Conv, BatchNorm in eval mode,
+average pooling, reshapes: each lowered to a dense matrix) and ReLUs whose depths match; a layer
+with fewer neurons in one model (node pruning) is padded with zero neurons.
 """
+import copy
+
 import torch
 from torch import nn
 
 from .layers import Elementwise, Reshape
 
 
-def affine_chain(model, input_numel):
-    """[(W, b), ...] in float64 with a ReLU between consecutive entries, or None if `model` is not
-    such a chain."""
-    layers, relu_after = [], []
-    size = input_numel
-    modules = list(model) if isinstance(model, nn.Sequential) else None
+# Modules that are affine maps of one sample in eval mode; each is lowered to a dense matrix.
+AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool1d, nn.AvgPool2d,
+          nn.AdaptiveAvgPool2d, nn.ZeroPad2d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout,
+          Elementwise, Reshape)
+MAX_DENSE = 25_000_000  # entries of one lowered matrix (200 MB in float64)
+
+
+def _modules(model):
+    """The leaf modules of a (possibly nested) Sequential, or None for any other model."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    leaves = []
+    for m in model:
+        inner = _modules(m) if isinstance(m, nn.Sequential) else [m]
+        if inner is None:
+            return None
+        leaves += inner
+    return leaves
+
+
+def _dense(module, shape):
+    """(W, b, output shape) of an affine `module` on inputs of `shape` (one sample), from its
+    responses to zero and to every unit vector; None when W would be too large."""
+    n = 1
+    for d in shape:
+        n *= d
+    module = copy.deepcopy(module).double().eval()
+    with torch.no_grad():
+        b = module(torch.zeros(1, *shape, dtype=torch.float64))
+        if n * b.numel() > MAX_DENSE:
+            return None
+        w = module(torch.eye(n, dtype=torch.float64).reshape(n, *shape)) - b
+    return w.reshape(n, -1).T.contiguous(), b.reshape(-1), tuple(b.shape[1:])
+
+
+def affine_chain(model, input_shape):
+    """[(W, b), ...] in float64 with a ReLU between consecutive entries, or None when `model` is
+    not a chain of affine layers (Linear, Conv, BatchNorm in eval mode, average pooling, reshapes,
+    elementwise scaling) and ReLUs. Consecutive affine layers are composed into one."""
+    modules = _modules(model)
     if modules is None:
         return None
-    scale = torch.ones(size, dtype=torch.float64)
-    shift = torch.zeros(size, dtype=torch.float64)
+    shape, layers, current = tuple(input_shape), [], None  # current: affine map since the last ReLU
     for m in modules:
-        if isinstance(m, (nn.Flatten, nn.Identity, nn.Dropout, Reshape)):
-            continue
-        if isinstance(m, Elementwise):
-            if m.scale.numel() not in (1, size) or m.shift.numel() not in (1, size):
-                return None
-            s = m.scale.detach().double().reshape(-1).expand(size)
-            t = m.shift.detach().double().reshape(-1).expand(size)
-            if layers and not relu_after[-1]:  # fold into the previous affine layer
-                w, b = layers[-1]
-                layers[-1] = (s[:, None] * w, s * b + t)
-            else:
-                scale, shift = scale * s, shift * s + t
-            continue
-        if isinstance(m, nn.Linear):
-            if layers and not relu_after[-1]:
-                return None  # two affine maps in a row: compose them? rare, keep it simple
-            w = m.weight.detach().double()
-            b = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-            if not layers:  # fold the input scaling into the first layer
-                w, b = w * scale[None, :], b + w @ shift
-            elif (scale != 1).any() or (shift != 0).any():
-                return None
-            layers.append((w, b))
-            relu_after.append(False)
-            size = w.shape[0]
-            scale, shift = torch.ones(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64)
-            continue
         if isinstance(m, nn.ReLU):
-            if not layers or relu_after[-1]:
+            if current is None:
                 return None
-            relu_after[-1] = True
+            layers.append(current[:2])
+            current = None
             continue
+        if not isinstance(m, AFFINE):
+            return None
+        lowered = _dense(m, shape)
+        if lowered is None:
+            return None
+        w, b, shape = lowered
+        if current is not None:
+            if w.shape[0] * current[0].shape[1] > MAX_DENSE:
+                return None
+            w, b = w @ current[0], w @ current[1] + b
+        current = (w, b)
+    if current is None:
         return None
-    if not layers or relu_after[-1] or any(not r for r in relu_after[:-1]):
+    return layers + [current]
+
+
+def _matched_rows(big, small):
+    """For each row of `small` ([n, d+1]: weights and bias), a distinct row of `big` it is closest
+    to (greedy over all pairs by distance): where a pruned copy's neurons sit in the original."""
+    scale = big.norm(dim=1).clamp_min(1e-12)
+    dist = torch.cdist(small / scale.mean(), big / scale.mean())
+    order = dist.flatten().argsort()
+    taken_small = torch.zeros(len(small), dtype=torch.bool)
+    taken_big = torch.zeros(len(big), dtype=torch.bool)
+    rows = torch.empty(len(small), dtype=torch.long)
+    for flat in order.tolist():
+        i, j = divmod(flat, len(big))
+        if not taken_small[i] and not taken_big[j]:
+            rows[i], taken_small[i], taken_big[j] = j, True, True
+            if taken_small.all():
+                break
+    return rows
+
+
+def _padded(narrow, wide_rows, width):
+    """The layer (W, b) of the narrower network with zero neurons added so that its neuron i sits
+    at position wide_rows[i]: a zero row gives relu(0) = 0, the pruned neuron's output."""
+    w, b = narrow
+    w_full = torch.zeros(width, w.shape[1], dtype=w.dtype)
+    b_full = torch.zeros(width, dtype=b.dtype)
+    w_full[wide_rows], b_full[wide_rows] = w, b
+    return w_full, b_full
+
+
+def aligned(chain_a, chain_b):
+    """The two chains with equal hidden widths: where one has fewer neurons in a layer (a
+    node-pruned copy), its neurons are placed at their closest match in the other and the rest
+    padded with zero neurons; an equivalent network, so bounds stay sound. None when the depths or
+    the input/output sizes differ."""
+    if len(chain_a) != len(chain_b):
         return None
-    return layers
+    out_a, out_b = [], []
+    cols_a = cols_b = None  # where the previous layer's neurons went
+    for k, ((wa, ba), (wb, bb)) in enumerate(zip(chain_a, chain_b)):
+        wa, wb = _with_columns(wa, cols_a), _with_columns(wb, cols_b)
+        if wa.shape[1] != wb.shape[1]:
+            return None
+        cols_a = cols_b = None
+        if wa.shape[0] != wb.shape[0]:
+            if k == len(chain_a) - 1:
+                return None
+            a_wide = wa.shape[0] > wb.shape[0]
+            (wide, narrow) = ((wa, ba), (wb, bb)) if a_wide else ((wb, bb), (wa, ba))
+            rows = _matched_rows(torch.cat([wide[0], wide[1][:, None]], 1),
+                                 torch.cat([narrow[0], narrow[1][:, None]], 1))
+            padded = _padded(narrow, rows, wide[0].shape[0])
+            if a_wide:
+                (wb, bb), cols_b = padded, (rows, len(wa))
+            else:
+                (wa, ba), cols_a = padded, (rows, len(wb))
+        out_a.append((wa, ba))
+        out_b.append((wb, bb))
+    return out_a, out_b
+
+
+def _with_columns(w, cols):
+    """W acting on a padded previous layer: its columns moved to positions `cols` = (index,
+    width), zeros elsewhere."""
+    if cols is None:
+        return w
+    index, width = cols
+    full = torch.zeros(w.shape[0], width, dtype=w.dtype)
+    full[:, index] = w
+    return full
 
 
 def matching_chains(pair):
-    """Both models' affine chains when their structures match, else None."""
-    n = 1
-    for s in pair.input_shape:
-        n *= s
-    a, b = affine_chain(pair.model_a, n), affine_chain(pair.model_b, n)
-    if a is None or b is None or len(a) != len(b):
+    """Both models' affine chains when their structures match (after padding pruned neurons),
+    else None."""
+    a, b = affine_chain(pair.model_a, pair.input_shape), affine_chain(pair.model_b, pair.input_shape)
+    if a is None or b is None:
         return None
-    if any(wa.shape != wb.shape for (wa, _), (wb, _) in zip(a, b)):
-        return None
-    return a, b
+    return aligned(a, b)
 
 
 def _relu_lines(l, u):

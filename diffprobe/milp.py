@@ -76,18 +76,17 @@ def _encode(program, chain, x_vars, lo, hi):
 
 
 def exact_max(model_a, model_b, region, *, time_limit=60.0):
-    """The exact maximum over a box region of max_k |b_k(x) - a_k(x)| for two Linear/ReLU chains."""
+    """The exact maximum over a box region of max_k |b_k(x) - a_k(x)| for two chains of affine layers and ReLUs."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
     if region.norm != float("inf"):
         raise UnsupportedOperationError(["an L2 ball"], what="the MILP oracle", hint="give a box or L-inf ball")
     pair = compose(model_a, model_b, region)
     region = fit_region(region, pair.input_shape)
-    n = int(np.prod(pair.input_shape))
-    chains = [affine_chain(m, n) for m in (pair.model_a, pair.model_b)]
+    chains = [affine_chain(m, pair.input_shape) for m in (pair.model_a, pair.model_b)]
     if any(c is None for c in chains):
-        raise UnsupportedOperationError(["a model that is not a Linear/ReLU chain"], what="the MILP oracle",
-                                        hint="it encodes Linear/ReLU chains only")
+        raise UnsupportedOperationError(["a model that is not an affine/ReLU chain"], what="the MILP oracle",
+                                        hint="it encodes chains of Linear/Conv/BatchNorm/AvgPool layers and ReLUs only")
     lo, hi = (t.reshape(-1).double().numpy() for t in region.bounding_box())
     program = _Program()
     x_vars = program.variables(lo, hi)

@@ -64,9 +64,9 @@ def test_identical_and_shifted_copies_are_exact():
 
 def test_structure_detection_and_fallback_note():
     assert affine_chain(Network([Elementwise(2.0, 1.0), nn.Flatten(), nn.Linear(3, 4), nn.ReLU(),
-                                 nn.Linear(4, 2), Elementwise(0.5, 0.0)], (3,)), 3) is not None
-    assert affine_chain(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), 3) is None
-    a, b = mlp([3, 5, 2], 0), mlp([3, 6, 2], 1)
+                                 nn.Linear(4, 2), Elementwise(0.5, 0.0)], (3,)), (3,)) is not None
+    assert affine_chain(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), (3,)) is None
+    a, b = mlp([3, 5, 2], 0), mlp([3, 5, 5, 2], 1)
     assert matching_chains(compose(a, b)) is None
     with pytest.raises(UnsupportedOperationError, match="do not match"):
         certify(a, b, LinfBall(torch.zeros(3), 0.1), method="differential")
@@ -77,7 +77,7 @@ def test_structure_detection_and_fallback_note():
 def test_folded_normalisation_matches_the_network():
     net = Network([Elementwise(torch.tensor([2.0, 0.5, 1.0]), torch.tensor([1.0, 0.0, -1.0])),
                    nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), Elementwise(3.0, 0.5)], (3,))
-    chain = affine_chain(net, 3)
+    chain = affine_chain(net, (3,))
     x = torch.randn(7, 3, dtype=torch.float64)
     h = x
     for i, (w, b) in enumerate(chain):
@@ -93,3 +93,91 @@ def test_mnist_fp16_pair_at_least_as_tight_as_the_reference(eps, reference):
     center = torch.from_numpy(np.load(shared("mnist_3x100/mnist_test_inputs.npy"))[0])
     cert = certify(a, b, LinfBall(center, eps, (0.0, 1.0)), method="differential", search_steps=20)
     assert cert.found <= cert.bound <= reference * 1.005
+
+
+def small_cnn(seed, channels):
+    gen = torch.Generator().manual_seed(seed)
+    net = Network([nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.AvgPool2d(2),
+                   nn.Conv2d(channels, channels, 2), nn.ReLU(), nn.Flatten(), nn.Linear(channels, 3)],
+                  (1, 4, 4)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        net[1].running_mean.copy_(torch.randn(channels, generator=gen) * 0.1)
+        net[1].running_var.copy_(torch.rand(channels, generator=gen) + 0.5)
+    return net
+
+
+def test_conv_batchnorm_avgpool_chain_is_lowered_exactly():
+    net = small_cnn(0, 3)
+    chain = affine_chain(net, (1, 4, 4))
+    assert chain is not None and len(chain) == 3  # conv+BN | avgpool+conv | flatten+linear
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    h = x.reshape(5, -1)
+    for i, (w, b) in enumerate(chain):
+        h = h @ w.T + b
+        h = torch.relu(h) if i < len(chain) - 1 else h
+    assert torch.allclose(h, net.double()(x))
+    assert affine_chain(Network([nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)], (1, 4, 4)), (1, 4, 4)) is None
+
+
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), channels=st.integers(1, 3), noise=st.sampled_from([0.0, 1e-3, 0.1, 1.0]),
+       radius=st.floats(1e-3, 2.0))
+def test_cnn_differential_bounds_contain_every_sample(seed, channels, noise, radius):
+    a = small_cnn(seed, channels)
+    b = perturbed(a, noise, seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    center = torch.randn(1, 16, generator=gen, dtype=torch.float64)
+    lo, hi = center - radius, center + radius
+    lower, upper = engine_bounds(a, b, lo, hi)
+    x = torch.cat([Box(lo[0], hi[0]).sample(500, gen), Box(lo[0], hi[0]).corners(50, gen)])
+    with torch.no_grad():
+        d = b.double()(x.reshape(-1, 1, 4, 4)) - a.double()(x.reshape(-1, 1, 4, 4))
+    slack = 1e-9 * (1 + d.abs().max())
+    assert (d >= lower - slack).all() and (d <= upper + slack).all()
+    if noise == 0.0:
+        assert upper.abs().max() < 1e-9 and lower.abs().max() < 1e-9
+
+
+def pruned(model, keep):
+    """`model` (Linear/ReLU chain) without the hidden neurons not in keep[k] for each hidden layer k."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    layers, cols = [], None
+    for k, lin in enumerate(linears):
+        rows = keep[k] if k < len(keep) else list(range(lin.out_features))
+        w = lin.weight.detach()[rows][:, cols] if cols is not None else lin.weight.detach()[rows]
+        new = nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            new.weight.copy_(w)
+            new.bias.copy_(lin.bias.detach()[rows])
+        layers += [new] + ([nn.ReLU()] if k < len(linears) - 1 else [])
+        cols = rows
+    return Network(layers, model.input_shape).eval()
+
+
+def test_node_pruned_copy_is_aligned_exactly():
+    a = mlp([4, 12, 10, 3], 0)
+    keep = [[0, 2, 3, 5, 6, 7, 9, 11], [1, 2, 3, 4, 6, 8, 9]]
+    with torch.no_grad():  # the pruned neurons contribute nothing: b computes the same function
+        a[2].weight[:, [1, 4, 8, 10]] = 0
+        a[4].weight[:, [0, 5, 7]] = 0
+    b = pruned(a, keep)
+    x = torch.randn(100, 4)
+    assert torch.allclose(a(x), b(x), atol=1e-6)
+    lo, hi = -torch.ones(1, 4), torch.ones(1, 4)
+    for first, second in ((a, b), (b, a)):  # either model may be the pruned one
+        lower, upper = engine_bounds(first, second, lo, hi)
+        assert upper.abs().max() < 1e-6 and lower.abs().max() < 1e-6
+
+
+def test_pruned_and_perturbed_copy_is_sound_and_tighter_than_crown():
+    a = mlp([5, 20, 20, 3], 1)
+    b = perturbed(pruned(a, [list(range(0, 20, 2)) + [1, 3], list(range(16))]), 1e-3, 2)
+    region = LinfBall(torch.zeros(5), 0.3)
+    diff = certify(a, b, region, method="differential", search_steps=20)
+    crown = certify(a, b, region, method="crown", search_steps=20)
+    x = region.sample(3000, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sampled = (b.double()(x) - a.double()(x)).abs().max().item()
+    assert sampled <= diff.bound + 1e-9 and diff.bound < crown.bound
