@@ -40,12 +40,18 @@ def _modules(model):
 
 
 def _dense(module, shape):
-    """(W, b, output shape) of an affine `module` on inputs of `shape` (one sample), from its
-    responses to zero and to every unit vector; None when W would be too large."""
+    """(W, b, output shape) of an affine `module` (in eval mode) on inputs of `shape` (one sample): a Linear
+    layer's own weights, otherwise its responses to zero and to every unit vector; None when W
+    would be too large."""
+    if isinstance(module, nn.Linear) and len(shape) == 1:
+        w = module.weight.detach().double()
+        b = module.bias.detach().double() if module.bias is not None else torch.zeros(len(w), dtype=torch.float64)
+        return w, b, (len(w),)
     n = 1
     for d in shape:
         n *= d
-    module = copy.deepcopy(module).double().eval()
+    if any(t.dtype != torch.float64 for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()):
+        module = copy.deepcopy(module).double()
     with torch.no_grad():
         b = module(torch.zeros(1, *shape, dtype=torch.float64))
         if n * b.numel() > MAX_DENSE:
