@@ -92,20 +92,15 @@ def affine_chain(model, input_shape):
 
 
 def _matched_rows(big, small):
-    """For each row of `small` ([n, d+1]: weights and bias), a distinct row of `big` it is closest
-    to (greedy over all pairs by distance): where a pruned copy's neurons sit in the original."""
-    scale = big.norm(dim=1).clamp_min(1e-12)
-    dist = torch.cdist(small / scale.mean(), big / scale.mean())
-    order = dist.flatten().argsort()
-    taken_small = torch.zeros(len(small), dtype=torch.bool)
-    taken_big = torch.zeros(len(big), dtype=torch.bool)
+    """For each row of `small` ([n, d+1]: weights and bias), a distinct row of `big`: where a pruned
+    copy's neurons sit in the original. Greedy, the rows closest to some original row first, each
+    taking its nearest row still free."""
+    dist = torch.cdist(small, big)
     rows = torch.empty(len(small), dtype=torch.long)
-    for flat in order.tolist():
-        i, j = divmod(flat, len(big))
-        if not taken_small[i] and not taken_big[j]:
-            rows[i], taken_small[i], taken_big[j] = j, True, True
-            if taken_small.all():
-                break
+    for i in dist.amin(1).argsort().tolist():
+        j = int(dist[i].argmin())
+        rows[i] = j
+        dist[:, j] = float("inf")
     return rows
 
 
