@@ -75,8 +75,8 @@ def affine_chain(model, input_shape):
             layers.append(current[:2])
             current = None
             continue
-        if not isinstance(m, AFFINE):
-            return None
+        if not isinstance(m, AFFINE) or (m.training and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout))):
+            return None  # in training mode these are not affine per sample
         lowered = _dense(m, shape)
         if lowered is None:
             return None
