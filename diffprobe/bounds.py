@@ -41,6 +41,7 @@ class Problem:
     spec: torch.Tensor  # [rows, outputs] or [boxes, rows, outputs]; None: the outputs themselves
     dtype: torch.dtype = torch.float64
     differential: object = None  # the differential engine (False: not applicable), built on first use
+    singles: object = None  # each model traced alone, for alpha-differential; built on first use
 
 
 class _UnsupportedCollector(logging.Handler):
@@ -70,8 +71,12 @@ def _quiet_lirpa_logger():
 
 def build_problem(graph, input_shape, spec=None, dtype=torch.float64):
     """Trace `graph` with auto_LiRPA; an unboundable op gives one error listing all of them."""
-    lirpa = import_auto_lirpa()
     graph = graph.to(dtype).eval()
+    return Problem(graph, _bounded_module(graph, input_shape, dtype), spec, dtype)
+
+
+def _bounded_module(graph, input_shape, dtype):
+    lirpa = import_auto_lirpa()
     with traced(dtype), _quiet_lirpa_logger() as collector, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript tracer warnings about shape checks
         try:
@@ -81,7 +86,7 @@ def build_problem(graph, input_shape, spec=None, dtype=torch.float64):
             raise UnsupportedOperationError(
                 collector.ops or [str(exc)], what="auto_LiRPA",
                 hint="replace these layers, or use search alone for a lower bound") from exc
-    return Problem(graph, module, spec, dtype)
+    return module
 
 
 def _bounded_input(region, lo, hi, l2=True):
@@ -135,10 +140,7 @@ def differential_engine(problem):
     return problem.differential or None
 
 
-@register_method("differential")
-def differential(problem, region, lo, hi):
-    """Differential bounds of model_b - model_a (see diffprobe.differential); box regions only,
-    an L2 ball is bounded through its bounding box."""
+def _engine_or_raise(problem):
     if problem.graph.kind != "elementwise":
         raise UnsupportedOperationError([problem.graph.kind], what="the differential method",
                                         hint="it bounds the elementwise difference only")
@@ -148,7 +150,50 @@ def differential(problem, region, lo, hi):
             ["layer structures that do not match"], what="the differential method",
             hint="it needs two chains of affine layers (Linear, Conv, BatchNorm, AvgPool) and ReLUs "
                  "of equal depth; use crown")
-    return engine.bounds(lo, hi)
+    return engine
+
+
+@register_method("differential")
+def differential(problem, region, lo, hi):
+    """Differential bounds of model_b - model_a (see diffprobe.differential); box regions only,
+    an L2 ball is bounded through its bounding box."""
+    return _engine_or_raise(problem).bounds(lo, hi)
+
+
+@register_method("alpha-differential")
+def alpha_differential(problem, region, lo, hi):
+    """Differential bounds whose intermediate bounds are first tightened by alpha-CROWN on each
+    network alone (optimised ReLU slopes): on deep networks the differential relaxation is only
+    as good as the two networks' own pre-activation bounds (ACAS Xu: about 10x tighter, for about
+    two alpha-CROWN passes of one network)."""
+    engine = _engine_or_raise(problem)
+    if problem.singles is None:
+        pair, shape = problem.graph.pair, problem.graph.pair.input_shape
+        problem.singles = [_bounded_module(m, shape, problem.dtype) for m in (pair.model_a, pair.model_b)]
+    given = [_relu_input_bounds(m, lo, hi, problem.dtype) for m in problem.singles]
+    widths = [w.shape[0] for w, _ in engine.a[:-1]]
+    layers = [_as_layers(g, widths, len(lo)) for g in given]
+    return engine.bounds(lo, hi, given=[a + b for a, b in zip(*layers)])
+
+
+def _relu_input_bounds(module, lo, hi, dtype):
+    """Per ReLU of a traced network, in forward order, the bounds of its input over the boxes
+    after alpha-CROWN."""
+    x = _bounded_input(None, lo.to(dtype), hi.to(dtype), l2=False)
+    with traced(dtype), _quiet_lirpa_logger(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Creating an identity matrix")
+        module.compute_bounds(x=(x,), method="CROWN-Optimized")
+    return [(n.inputs[0].lower.detach().reshape(len(lo), -1), n.inputs[0].upper.detach().reshape(len(lo), -1))
+            for n in module._modules.values() if type(n).__name__ == "BoundRelu"]
+
+
+def _as_layers(bounds, widths, boxes):
+    """The bounds per hidden layer of the differential engine; infinite where a layer has no
+    counterpart (a node-pruned model's layers are padded in the engine)."""
+    if [l.shape[1] for l, _ in bounds] != widths:
+        bounds = [(torch.full((boxes, w), -float("inf"), dtype=torch.float64),
+                   torch.full((boxes, w), float("inf"), dtype=torch.float64)) for w in widths]
+    return [(l.to(torch.float64), u.to(torch.float64)) for l, u in bounds]
 
 
 @register_method("ibp")

@@ -73,30 +73,39 @@ class Spec:
                                                            upper[:, self.k - 1:2 * (self.k - 1)])
 
 
-def bound_boxes(problem, spec, methods, region, lo, hi):
-    """Per-row bounds of a batch of boxes: the intersection over `methods` (each is sound)."""
+def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None):
+    """Per-row bounds of a batch of boxes: the intersection over `methods` (each is sound), run
+    in order until every box's scalar bound is at most `enough`; their names go to `ran`."""
     if spec.rows is not None:
         problem = dataclasses.replace(problem, spec=spec.rows)
     lower, upper = None, None
     for name in methods:
         l, u = METHODS[name](problem, region, lo, hi)
+        if ran is not None:
+            ran.append(name)
         lower = l if lower is None else torch.maximum(lower, l)
         upper = u if upper is None else torch.minimum(upper, u)
-    if spec.kind == "probability":  # a difference of probabilities lies in [-1, 1] whatever the method
-        lower, upper = lower.clamp(-1.0, 1.0), upper.clamp(-1.0, 1.0)
+        if spec.kind == "probability":  # a difference of probabilities lies in [-1, 1] whatever the method
+            lower, upper = lower.clamp(-1.0, 1.0), upper.clamp(-1.0, 1.0)
+        if bool((spec.scalar(lower, upper) <= enough).all()):
+            break
     return lower, upper, spec.scalar(lower, upper)
 
 
-def methods_for(method, problem, budget):
+def methods_for(method, problem, optimise):
     """`auto`: CROWN, plus the differential bounds when the two layer structures match (the
-    intersection is never looser than either), plus alpha-CROWN for small single-pass problems.
-    Cheapest first, so a caller with a threshold can stop once a box is verified."""
+    intersection is never looser than either), plus with `optimise` an optimised pass
+    (alpha-differential, else alpha-CROWN) for small problems. Cheapest first, so a caller with a
+    threshold can stop once a box is verified (alpha-differential always comes after the plain
+    differential pass)."""
     if method == "auto":
-        if differential_engine(problem) is not None:
-            return ["differential", "crown"]
-        if not budget and sum(p.numel() for p in problem.graph.pair.parameters()) <= 200_000:
-            return ["crown", "alpha-crown"]
-        return ["crown"]
+        engine = differential_engine(problem)
+        if engine is not None:  # alpha-CROWN's cost grows with the neurons (a CNN's: many)
+            return ["differential", "crown"] + (["alpha-differential"] if optimise and engine.hidden <= 1024 else [])
+        small = optimise and sum(p.numel() for p in problem.graph.pair.parameters()) <= 200_000
+        return ["crown", "alpha-crown"] if small else ["crown"]
+    if method == "alpha-differential":
+        return ["differential", "alpha-differential"]
     if method not in METHODS:
         raise DiffprobeError(f"unknown method '{method}'; choose one of {', '.join(['auto', *METHODS])}")
     return [method]
@@ -115,49 +124,56 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
             progress=False):
     """Certified bounds on `difference` between the models over `region`, with a witness.
 
-    `method`: ibp, crown, alpha-crown, differential or auto. With `time_budget` (seconds), input-split
-    branch-and-bound runs until the gap (bound - found) is within `tolerance` of the bound, the
+    `method`: ibp, crown, alpha-crown, differential, alpha-differential or auto. With
+    `time_budget` (seconds), input-split branch-and-bound runs until the gap (bound - found) is within `tolerance` of the bound, the
     verdict against `threshold` is reached, or the budget is spent. Bounds are computed in
     float64 so rounding cannot make the certificate lie.
     """
     t0 = time.perf_counter()
     diff = get_difference(difference)
-    pair64, (region,), spec, problem, methods = prepare(model_a, model_b, [region], diff, method, time_budget)
+    # branch-and-bound's many cheap passes beat one optimised pass: optimise single passes only
+    pair64, (region,), spec, problem, methods = prepare(model_a, model_b, [region], diff, method,
+                                                        optimise=not time_budget)
     witness = search_pair(pair64, diff, region, steps=search_steps, restarts=search_restarts,
                           seed=seed, threshold=threshold)
     warn_masking(witness.warnings)
-    state = BranchAndBound(problem, spec, methods, region, pair64, diff, witness)
+    # the costlier methods run only while they can change the answer: until the bound reaches the
+    # threshold (when the witness does not exceed it), else until the gap is within tolerance
+    enough = (threshold if threshold is not None and witness.found <= threshold
+              else witness.found / (1 - tolerance))
+    state = BranchAndBound(problem, spec, methods, region, pair64, diff, witness, enough=enough)
     if method == "auto" and spec.kind == "elementwise" and "differential" not in methods:
         state.notes.append("the two layer structures do not match (or are not affine/ReLU chains): "
                            "bounded on the composed graph, without the differential method")
     if time_budget and region.norm != 2.0:
         state.run(t0 + time_budget, threshold, tolerance, progress)
-    return state.certificate(method if method != "auto" else "auto(" + "+".join(methods) + ")",
+    return state.certificate(method if method != "auto" else "auto(" + "+".join(state.ran) + ")",
                              threshold, seed, time.perf_counter() - t0)
 
 
-def prepare(model_a, model_b, regions, diff, method, budget):
+def prepare(model_a, model_b, regions, diff, method, optimise):
     """What bounding needs, shared by `certify` and `drift`: the float64 pair, the regions in its
     input shape, their spec, the traced problem and the methods to run (cheapest first)."""
     pair64 = copy.deepcopy(compose(model_a, model_b, regions[0])).double()
     regions = [fit_region(r, pair64.input_shape) for r in regions]
     spec = Spec(diff, pair64, torch.stack([r.center for r in regions]))
     problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair64.input_shape)
-    return pair64, regions, spec, problem, methods_for(method, problem, budget)
+    return pair64, regions, spec, problem, methods_for(method, problem, optimise)
 
 
 class BranchAndBound:
     """Leaves of the input split; the bound is the max over leaves (and pruned leaves)."""
 
-    def __init__(self, problem, spec, methods, region, pair64, diff, witness, initial=None):
+    def __init__(self, problem, spec, methods, region, pair64, diff, witness, initial=None, enough=-_INF):
         self.problem, self.spec, self.methods, self.region = problem, spec, methods, region
         self.pair64, self.diff = pair64, diff
         self.found, self.witness = witness.found, torch.tensor(witness.x, dtype=torch.float64)
         self.notes = list(witness.warnings)
         lo, hi = region.bounding_box()
         self.lo, self.hi = lo.unsqueeze(0), hi.unsqueeze(0)
+        self.ran = []  # the methods that bounded the region
         self.lower, self.upper, self.scores = initial or bound_boxes(problem, spec, methods, region,
-                                                                      self.lo, self.hi)
+                                                                      self.lo, self.hi, enough, self.ran)
         self.pruned_lower = torch.full_like(self.lower[0], _INF)
         self.pruned_upper = torch.full_like(self.upper[0], -_INF)
         self.pruned_max, self.branches = -_INF, 1

@@ -16,7 +16,7 @@ from .errors import DiffprobeError, RegionError
 from .results import Verdict
 
 EXIT = {None: 0, Verdict.VERIFIED: 0, Verdict.FALSIFIED: 10, Verdict.UNKNOWN: 5}
-METHOD_CHOICES = ["auto", "ibp", "crown", "alpha-crown", "differential"]
+METHOD_CHOICES = ["auto", "ibp", "crown", "alpha-crown", "differential", "alpha-differential"]
 
 
 def _friendly(fn):

@@ -284,16 +284,31 @@ class DifferentialBounds:
             upper[b, r] = torch.minimum(upper[b, r], -fn(-spec, b).squeeze(1))
         return lower, upper
 
+    @property
+    def hidden(self):
+        """Hidden neurons per model, all layers."""
+        return sum(w.shape[0] for w, _ in self.a[:-1])
+
     @torch.no_grad()
-    def bounds(self, lo, hi, spec=None):
-        """Lower/upper bounds of spec @ (model_b - model_a) over each box [B, n].
+    def bounds(self, lo, hi, spec=None, given=None):
+        """Lower/upper bounds of spec @ (model_b - model_a) over each box [B, n]. `given`: per
+        hidden layer, sound bounds (l, u, l', u') of both models' pre-activations from elsewhere
+        (e.g. alpha-CROWN on each network), intersected with the engine's own."""
+        lo, hi = lo.reshape(len(lo), -1).double(), hi.reshape(len(hi), -1).double()
+        relax_a, relax_d = self._intermediate(lo, hi, given)
+        k, n_out = len(self.a) - 1, self.a[-1][0].shape[0]
+        spec = torch.eye(n_out, dtype=lo.dtype) if spec is None else spec.to(lo.dtype)
+        spec = spec.expand(lo.shape[0], *spec.shape)
+        return (self.lower(spec, k, lo, hi, relax_a, relax_d),
+                -self.lower(-spec, k, lo, hi, relax_a, relax_d))
+
+    def _intermediate(self, lo, hi, given=None):
+        """The relaxations of model_a's ReLUs and of the ReLU differences, per hidden layer.
 
         Intermediate bounds start as intervals (exact for the first layer) and are tightened by
         back-substitution only where the relaxation depends on them: neurons unstable in either
         model, and differences whose ReLU pair is not stable in a known pattern. That is what makes
         batches of many small regions cheap."""
-        lo, hi = lo.reshape(len(lo), -1).double(), hi.reshape(len(hi), -1).double()
-        dtype = lo.dtype
         relax_a, relax_b, relax_d = [], [], []
         h_a = h_b = (lo, hi)
         e = (torch.zeros_like(lo), torch.zeros_like(lo))
@@ -301,6 +316,8 @@ class DifferentialBounds:
             (wa, ba), (wb, bb), (dw, db) = self.a[k], self.b[k], self.delta[k]
             l, u = _affine_interval(wa, ba, *h_a)
             lp, up = _affine_interval(wb, bb, *h_b)
+            if given is not None:
+                l, u, lp, up = _intersect((l, u), given[k][:2]) + _intersect((lp, up), given[k][2:])
             dl, du = _sum(_affine_interval(wb, torch.zeros_like(bb), *e), _affine_interval(dw, db, *h_a))
             if k > 0:  # the first layer's intervals are exact
                 l, u = self._refined(lambda s, i: self.single_lower(self.a, s, k, lo[i], hi[i], _take(relax_a, i)),
@@ -316,11 +333,11 @@ class DifferentialBounds:
             h_a, h_b = (l.clamp_min(0), u.clamp_min(0)), (lp.clamp_min(0), up.clamp_min(0))
             # E = relu(z') - relu(z) lies between min(D, 0) and max(D, 0) and in h'_k - h_k
             e = (torch.maximum(dl.clamp_max(0), h_b[0] - h_a[1]), torch.minimum(du.clamp_min(0), h_b[1] - h_a[0]))
-        k, n_out = len(self.a) - 1, self.a[-1][0].shape[0]
-        spec = torch.eye(n_out, dtype=dtype) if spec is None else spec.to(dtype)
-        spec = spec.expand(lo.shape[0], *spec.shape)
-        return (self.lower(spec, k, lo, hi, relax_a, relax_d),
-                -self.lower(-spec, k, lo, hi, relax_a, relax_d))
+        return relax_a, relax_d
+
+
+def _intersect(x, y):
+    return torch.maximum(x[0], y[0]), torch.minimum(x[1], y[1])
 
 
 def _take(relaxations, index):

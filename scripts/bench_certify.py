@@ -44,7 +44,8 @@ def main():
     parser.add_argument("--budgets", nargs="+", type=float, default=[10, 60])
     parser.add_argument("--skip-alpha", action="store_true")
     args = parser.parse_args()
-    methods = ["ibp", "crown"] + ([] if args.skip_alpha else ["alpha-crown"]) + ["differential"]
+    methods = ["ibp", "crown"] + ([] if args.skip_alpha else ["alpha-crown"]) + ["differential"] + (
+        [] if args.skip_alpha else ["alpha-differential"])
     head = " | ".join(f"{m} bound (s)" for m in methods)
     bab = " | ".join(f"BaB {b:g}s bound (gap ratio)" for b in args.budgets)
     print(f"| pair / region | sampled | found | {head} | {bab} |")

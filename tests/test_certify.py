@@ -145,7 +145,7 @@ def test_splitting_never_loosens_the_bound():
     b = load_model(shared("acasxu_fp16/ACASXU_run2a_1_1_batch_2000_16bit.nnet"))
     diff = get_difference("elementwise")
     pair, (region,), spec, problem, methods = prepare(a, b, [box_from_vnnlib(shared("acasxu/prop_1.vnnlib"))],
-                                                      diff, "auto", 10)
+                                                      diff, "auto", optimise=False)
     bab = BranchAndBound(problem, spec, methods, region, pair, diff,
                          search_pair(pair, diff, region, steps=5, restarts=2, seed=0))
     previous = start = bab.bound
