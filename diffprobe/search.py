@@ -104,6 +104,8 @@ class _Evaluator:
                 x = region.sample(min(batch, n - start), generator)
                 points.append(x)
                 values.append(self(x))
+        if not points:  # no screening budget
+            return region.center.unsqueeze(0)[:0].to(torch.float64)
         points, values = torch.cat(points), torch.cat(values)
         return points[values.argsort(descending=True)[:keep]]
 

@@ -45,6 +45,9 @@ def test_linear_pair_reaches_the_closed_form_maximum(kind):
         best = max(abs((region.project((region.center + 10 * s * w).unsqueeze(0))[0] @ w + c).item()) for s in (1, -1))
     result = search(a, b, region, steps=100, restarts=4)
     assert result.found == pytest.approx(float(best), abs=1e-4)
+    # every phase but the gradient ascent switched off
+    bare = search(a, b, region, steps=100, restarts=4, screen_fraction=0, random_fraction=0)
+    assert bare.found == pytest.approx(float(best), abs=1e-4)
 
 
 def test_same_seed_same_answer_and_trace():
