@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import sys
+import warnings
 
 import click
 
@@ -121,6 +122,12 @@ def emit(result, as_json, text, to_mlflow=False):
 @click.version_option(__version__, prog_name="diffprobe")
 def main():
     """How differently can two neural networks behave? Witnesses by search, bounds by certification."""
+    warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """A Python warning on the command line: one line on stderr, not the source line it came from."""
+    click.echo(f"diffprobe: warning: {message}", err=True)
 
 
 @main.command()

@@ -66,6 +66,37 @@ def test_certify_unknown_exit_code_on_real_pair():
     assert "unknown" in r.stdout and "bound" in r.stdout
 
 
+WARNING_MODEL = """
+import warnings
+import torch
+from torch import nn
+
+
+class Warns(nn.Sequential):
+    def forward(self, x):
+        warnings.warn("this model warns")
+        return super().forward(x)
+
+
+def make():
+    torch.manual_seed(0)
+    return Warns(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
+"""
+
+
+def test_python_warnings_are_one_line_on_the_command_line(pair):
+    import subprocess
+    import sys
+    (pair / "warns.py").write_text(WARNING_MODEL)
+    r = subprocess.run([sys.executable, "-c", "from diffprobe.cli import main; main()", "search",
+                        str(pair / "a.pt"), str(pair / "b.pt"), "--arch", f"{pair / 'warns.py'}:make",
+                        "--box", "-1", "1", "--steps", "5", "--quiet", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "diffprobe: warning: this model warns" in r.stderr
+    assert "UserWarning" not in r.stderr and "warnings.warn" not in r.stderr
+
+
 def test_onnx_against_nnet_with_vnnlib(tmp_path):
     r = run("search", shared("acasxu/ACASXU_run2a_1_1_batch_2000.onnx"),
             shared("acasxu_fp16/ACASXU_run2a_1_1_batch_2000_16bit.nnet"),
