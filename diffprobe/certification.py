@@ -161,6 +161,9 @@ def prepare(model_a, model_b, regions, diff, method, optimise):
     return pair64, regions, spec, problem, methods_for(method, problem, optimise)
 
 
+INPUT_SPLIT_MAX_DIMS = 8  # halving one input at a time shrinks a box of more dimensions too slowly
+
+
 class BranchAndBound:
     """Leaves of the input split; the bound is the max over leaves (and pruned leaves)."""
 
@@ -177,9 +180,10 @@ class BranchAndBound:
         self.pruned_lower = torch.full_like(self.lower[0], _INF)
         self.pruned_upper = torch.full_like(self.upper[0], -_INF)
         self.pruned_max, self.branches = -_INF, 1
-        engine = differential_engine(problem) if "differential" in methods else None
-        self.sensitivity = (None if engine is None else
-                            engine.a[0][0].abs().sum(0) + engine.b[0][0].abs().sum(0))
+        self.per_split = None  # seconds per split in the last step
+        self.engine = differential_engine(problem) if "differential" in methods else None
+        self.sensitivity = (None if self.engine is None else
+                            self.engine.a[0][0].abs().sum(0) + self.engine.b[0][0].abs().sum(0))
         if region.norm == 2.0:
             self.notes.append("L2 regions are bounded in one pass (ball bound intersected with the "
                               "bounding-box bound); no branch-and-bound")
@@ -254,9 +258,22 @@ class BranchAndBound:
         worst = self.scores.max()
         return int(min(256, max(8, int((self.scores > level + 0.8 * (worst - level)).sum()))))
 
+    def _optimise_root(self, level):
+        """On a high-dimensional region input splitting gains little: spend the budget on the
+        optimised differential pass first (mnistfc vs W(1+0.01N), L-inf 0.03, 10 s: 0.220 with
+        input splitting alone, 0.175 with this pass)."""
+        if (self.engine is None or self.lo[0].numel() <= INPUT_SPLIT_MAX_DIMS or len(self.scores) != 1
+                or "alpha-differential" in self.ran or self.scores[0] <= level):
+            return
+        lower, upper, _ = bound_boxes(self.problem, self.spec, ["alpha-differential"], self.region,
+                                      self.lo, self.hi, ran=self.ran)
+        self.lower, self.upper = torch.maximum(self.lower, lower), torch.minimum(self.upper, upper)
+        self.scores = self.spec.scalar(self.lower, self.upper)
+
     def run(self, deadline, threshold, tolerance, progress, max_leaves=200_000):
         with progress_bar(progress, None, desc="branch-and-bound") as bar:
             try:
+                self._optimise_root(self.found if threshold is None else max(self.found, threshold))
                 while time.perf_counter() < deadline:
                     level = self.found if threshold is None else max(self.found, threshold)
                     self._prune(level)
@@ -267,7 +284,12 @@ class BranchAndBound:
                     if len(self.scores) > max_leaves:
                         self.notes.append(f"stopped at {max_leaves} open sub-regions")
                         break
-                    self._step(self._batch(level))
+                    started = time.perf_counter()
+                    batch = self._batch(level)
+                    if self.per_split:  # keep a step inside the remaining budget
+                        batch = max(1, min(batch, int((deadline - started) / self.per_split)))
+                    self._step(batch)
+                    self.per_split = (time.perf_counter() - started) / batch
                     bar.update(1)
             except KeyboardInterrupt:
                 self.notes.append("interrupted: the bound so far is reported")

@@ -156,6 +156,24 @@ def test_splitting_never_loosens_the_bound():
     assert bab.bound < start / 1000
 
 
+def test_a_time_budget_never_loosens_a_high_dimensional_bound():
+    # input splitting gains little in 784 dimensions; the budget goes to the optimised pass first
+    import copy
+    import numpy as np
+    a = load_model(shared("mnistfc/mnist-net_256x2.onnx"))
+    b = copy.deepcopy(a)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(1 + 0.01 * torch.randn(p.shape, generator=gen))
+    image = torch.from_numpy(np.load(shared("mnist_3x100/mnist_test_inputs.npy"))[0])
+    region = LinfBall(image, 0.03, (0.0, 1.0))
+    single = certify(a, b, region, search_steps=10)
+    budgeted = certify(a, b, region, search_steps=10, time_budget=3)
+    assert "alpha-differential" in budgeted.method
+    assert budgeted.bound <= single.bound * (1 + 1e-9)
+
+
 def test_verdicts():
     a = mlp([3, 6, 2], 0)
     region = LinfBall(torch.zeros(3), 0.1)
