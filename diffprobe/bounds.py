@@ -42,6 +42,7 @@ class Problem:
     dtype: torch.dtype = torch.float64
     differential: object = None  # the differential engine (False: not applicable), built on first use
     singles: object = None  # each model traced alone, for alpha-differential; built on first use
+    alpha_seconds: float = None  # what one alpha-differential pass took on this problem
 
 
 class _UnsupportedCollector(logging.Handler):
