@@ -39,8 +39,8 @@ def demo_text(report):
         agree = {"verified": "certified", "falsified": "FLIP FOUND", "unknown": "unknown"}[t.verdict.value]
         lines.append(f"{r['index']:>5}  {d.found:>14.5g}  {d.bound:>10.5g}  {d.gap_ratio:>6.3f}  "
                      f"{d.verdict.value:>14}  {agree:>16}")
-    lines += ["", "found: a witness input inside the ball (lower bound); certified: auto_LiRPA bound "
-              "over the whole ball (upper bound)."]
+    lines += ["", "found: a witness input inside the ball (lower bound); certified: a bound over the "
+              "whole ball, without sampling (upper bound)."]
     return "\n".join(lines)
 
 
