@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .differential import DifferentialBounds, matching_chains
 from .errors import UnsupportedOperationError
 from .graph import DifferenceGraph
 from .lirpa_compat import import_auto_lirpa, traced
@@ -91,12 +92,17 @@ def _bounded_module(graph, input_shape, dtype):
 
 
 def _bounded_input(region, lo, hi, l2=True):
-    lirpa = import_auto_lirpa()
     if l2 and region.norm == 2.0:
+        lirpa = import_auto_lirpa()
         # one ball, or (drift) balls of one radius stacked: their centres are already a batch
         center = region.center.to(lo.dtype)
         center = center if center.dim() == lo.dim() else center.unsqueeze(0)
         return lirpa.BoundedTensor(center, lirpa.PerturbationLpNorm(norm=2, eps=region.eps))
+    return _box_input(lo, hi)
+
+
+def _box_input(lo, hi):
+    lirpa = import_auto_lirpa()
     return lirpa.BoundedTensor((lo + hi) / 2, lirpa.PerturbationLpNorm(norm=float("inf"), x_L=lo, x_U=hi))
 
 
@@ -139,7 +145,6 @@ def differential_engine(problem):
     """The differential engine when the problem is an elementwise difference of two matching
     affine/ReLU chains, else None; built once per problem."""
     if problem.differential is None:
-        from .differential import DifferentialBounds, matching_chains
         chains = matching_chains(problem.graph.pair) if problem.graph.kind == "elementwise" else None
         problem.differential = DifferentialBounds(chains) if chains is not None else False
     return problem.differential or None
@@ -183,8 +188,7 @@ def alpha_differential(problem, region, lo, hi):
 def _relu_input_bounds(module, lo, hi, dtype):
     """Per ReLU of a traced network, in the order auto_LiRPA holds them, the bounds of its input
     over the boxes after alpha-CROWN."""
-    _compute_bounds(module, _bounded_input(None, lo.to(dtype), hi.to(dtype), l2=False), None,
-                    "CROWN-Optimized", dtype)
+    _compute_bounds(module, _box_input(lo.to(dtype), hi.to(dtype)), None, "CROWN-Optimized", dtype)
     return [(n.inputs[0].lower.detach().reshape(len(lo), -1).double(),
              n.inputs[0].upper.detach().reshape(len(lo), -1).double())
             for n in module._modules.values() if type(n).__name__ == "BoundRelu"]
@@ -194,18 +198,21 @@ def _per_layer(bounds, chain, lo, hi):
     """`bounds` as the engine's hidden layers of `chain`, checked against the pre-activations at
     the box centres; infinite where they do not line up (a node-pruned model's layers are padded
     in the engine, or auto_LiRPA's ReLU order differs from the chain's)."""
-    unbounded = [(torch.full((len(lo), w.shape[0]), -float("inf"), dtype=torch.float64),
-                  torch.full((len(lo), w.shape[0]), float("inf"), dtype=torch.float64)) for w, _ in chain[:-1]]
-    if len(bounds) != len(unbounded):
-        return unbounded
+    if len(bounds) != len(chain) - 1:
+        return _unbounded(chain, len(lo))
     h = ((lo + hi) / 2).reshape(len(lo), -1).double()
     for (w, b), (l, u) in zip(chain[:-1], bounds):
         z = h @ w.T + b
         tol = 1e-9 * (1 + z.abs())
         if l.shape != z.shape or bool(((z < l - tol) | (z > u + tol)).any()):
-            return unbounded
+            return _unbounded(chain, len(lo))
         h = torch.relu(z)
     return bounds
+
+
+def _unbounded(chain, boxes):
+    inf = lambda w: torch.full((boxes, w.shape[0]), float("inf"), dtype=torch.float64)
+    return [(-inf(w), inf(w)) for w, _ in chain[:-1]]
 
 
 @register_method("ibp")

@@ -104,14 +104,15 @@ def _matched_rows(big, small):
     return rows
 
 
-def _padded(narrow, wide_rows, width):
-    """The layer (W, b) of the narrower network with zero neurons added so that its neuron i sits
-    at position wide_rows[i]: a zero row gives relu(0) = 0, the pruned neuron's output."""
-    w, b = narrow
-    w_full = torch.zeros(width, w.shape[1], dtype=w.dtype)
-    b_full = torch.zeros(width, dtype=b.dtype)
-    w_full[wide_rows], b_full[wide_rows] = w, b
-    return w_full, b_full
+def _spread(t, index, size, dim=0):
+    """`t` placed at positions `index` along `dim` of a zero tensor of that dimension's `size`:
+    a pruned layer's rows (a zero row gives relu(0) = 0, the pruned neuron's output) or the next
+    layer's columns."""
+    shape = list(t.shape)
+    shape[dim] = size
+    full = torch.zeros(shape, dtype=t.dtype)
+    full.index_copy_(dim, index, t)
+    return full
 
 
 def aligned(chain_a, chain_b):
@@ -122,38 +123,24 @@ def aligned(chain_a, chain_b):
     if len(chain_a) != len(chain_b):
         return None
     out_a, out_b = [], []
-    cols_a = cols_b = None  # where the previous layer's neurons went
+    rows_a = rows_b = None  # where the previous layer's neurons went, if it was padded
     for k, ((wa, ba), (wb, bb)) in enumerate(zip(chain_a, chain_b)):
-        wa, wb = _with_columns(wa, cols_a), _with_columns(wb, cols_b)
-        if wa.shape[1] != wb.shape[1]:
+        if rows_a is not None:
+            wa = _spread(wa, rows_a, len(out_a[-1][0]), dim=1)
+        if rows_b is not None:
+            wb = _spread(wb, rows_b, len(out_b[-1][0]), dim=1)
+        if wa.shape[1] != wb.shape[1] or (k == len(chain_a) - 1 and len(wa) != len(wb)):
             return None
-        cols_a = cols_b = None
-        if wa.shape[0] != wb.shape[0]:
-            if k == len(chain_a) - 1:
-                return None
-            a_wide = wa.shape[0] > wb.shape[0]
-            (wide, narrow) = ((wa, ba), (wb, bb)) if a_wide else ((wb, bb), (wa, ba))
-            rows = _matched_rows(torch.cat([wide[0], wide[1][:, None]], 1),
-                                 torch.cat([narrow[0], narrow[1][:, None]], 1))
-            padded = _padded(narrow, rows, wide[0].shape[0])
-            if a_wide:
-                (wb, bb), cols_b = padded, (rows, len(wa))
-            else:
-                (wa, ba), cols_a = padded, (rows, len(wb))
+        rows_a = rows_b = None
+        if len(wa) > len(wb):
+            rows_b = _matched_rows(torch.cat([wa, ba[:, None]], 1), torch.cat([wb, bb[:, None]], 1))
+            wb, bb = _spread(wb, rows_b, len(wa)), _spread(bb, rows_b, len(wa))
+        elif len(wb) > len(wa):
+            rows_a = _matched_rows(torch.cat([wb, bb[:, None]], 1), torch.cat([wa, ba[:, None]], 1))
+            wa, ba = _spread(wa, rows_a, len(wb)), _spread(ba, rows_a, len(wb))
         out_a.append((wa, ba))
         out_b.append((wb, bb))
     return out_a, out_b
-
-
-def _with_columns(w, cols):
-    """W acting on a padded previous layer: its columns moved to positions `cols` = (index,
-    width), zeros elsewhere."""
-    if cols is None:
-        return w
-    index, width = cols
-    full = torch.zeros(w.shape[0], width, dtype=w.dtype)
-    full[:, index] = w
-    return full
 
 
 def matching_chains(pair):

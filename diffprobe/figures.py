@@ -96,23 +96,26 @@ def witness_gallery(points, shape, n=8):
 
 def output_bars(series, title):
     """A small base64 PNG of side-by-side bars, one series per entry of `series`."""
-    import matplotlib.pyplot as plt
     import numpy as np
-    fig, ax = plt.subplots(figsize=(3, 1.8))
-    width = 0.8 / max(len(series), 1)
-    for i, (name, values) in enumerate(series.items()):
-        ax.bar(np.arange(len(values)) + i * width, values, width=width, label=name)
-    ax.set_title(title, fontsize=8)
-    ax.tick_params(labelsize=6)
-    ax.legend(fontsize=6)
-    return png_base64(fig)
+
+    def draw(ax):
+        width = 0.8 / max(len(series), 1)
+        for i, (name, values) in enumerate(series.items()):
+            ax.bar(np.arange(len(values)) + i * width, values, width=width, label=name)
+        ax.legend(fontsize=6)
+    return _small_png(draw, title)
 
 
 def interval_png(lower, upper, label):
     """A small base64 PNG of per-output certified intervals."""
+    return _small_png(lambda ax: bars(ax, lower, upper, label), f"certified {label} per output")
+
+
+def _small_png(draw, title):
+    """A thumbnail-sized figure drawn by `draw(ax)`, as base64 PNG (beside a result's table)."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(3, 1.8))
-    bars(ax, lower, upper, label)
-    ax.set_title(f"certified {label} per output", fontsize=8)
+    draw(ax)
+    ax.set_title(title, fontsize=8)
     ax.tick_params(labelsize=6)
     return png_base64(fig)

@@ -5,8 +5,7 @@ Exponential in the number of unstable ReLUs, so only for tiny pairs (a few layer
 ReLUs): the test oracle and benchmark reference for search (found <= exact) and certification
 (exact <= bound).
 """
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -110,4 +109,4 @@ def exact_max(model_a, model_b, region, *, time_limit=60.0):
                 raise DiffprobeError(f"the MILP for output {k} did not solve to optimality ({res.message})")
             if best is None or -res.fun > best.value:
                 best = ExactMax(-res.fun, res.x[x_vars].tolist(), k, sign, 0)
-    return dataclasses.replace(best, problems=2 * len(out_a))
+    return replace(best, problems=2 * len(out_a))

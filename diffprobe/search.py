@@ -271,7 +271,7 @@ def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, 
             notes.append("interrupted before the search finished: the best starting point is reported")
             best_x, best = x0, torch.full((x0.shape[0],), float("-inf"), dtype=torch.float64)
     return witness_result(pair64, diff, region, best_x[best.argmax()], evaluate.count, seed,
-                           trace, time.perf_counter() - t0, notes)
+                          trace, time.perf_counter() - t0, notes)
 
 
 def witness_result(pair64, diff, region, x, count, seed, trace, seconds, notes):

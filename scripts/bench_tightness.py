@@ -21,6 +21,7 @@ import diffprobe as dp
 from diffprobe.bounds import METHODS, build_problem, differential_engine
 from diffprobe.graph import DifferenceGraph, compose, fit_region
 from diffprobe.layers import Network
+from diffprobe.pruning import prune_neurons
 
 NETS = Path(__file__).resolve().parents[2] / "shared" / "nets"
 
@@ -93,33 +94,13 @@ def cases(quick):
         yield f"mnistfc 256x2 vs fp16, L-inf {eps}", fc, fp16, [dp.LinfBall(image0, eps, (0, 1))]
     for eps in (0.01, 0.03):
         yield f"mnistfc 256x2 vs W(1+0.01N), L-inf {eps}", fc, noisy, [dp.LinfBall(image0, eps, (0, 1))]
-    half = node_pruned(fc, 0.5)
+    half = prune_neurons(fc, 0.5)
     for eps in (0.01, 0.03):
         yield f"mnistfc 256x2 vs half its neurons pruned, L-inf {eps}", fc, half, [dp.LinfBall(image0, eps, (0, 1))]
     cnn = random_cnn()
     for eps in (0.01, 0.05):
         yield (f"random CNN (conv-BN-ReLU-conv-ReLU-avgpool-linear) vs fp16, L-inf {eps}", cnn,
                copy_with(cnn, lambda p: p.half().float()), [dp.LinfBall(image0, eps, (0, 1))])
-
-
-def node_pruned(model, fraction):
-    """Structured pruning without retraining: each hidden layer loses the `fraction` of its neurons
-    with the smallest incoming weight norm (rows removed, and the next layer's columns)."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    layers, cols = [], None
-    for k, lin in enumerate(linears):
-        w, b = lin.weight.detach(), lin.bias.detach()
-        w = w if cols is None else w[:, cols]
-        rows = torch.arange(len(w))
-        if k < len(linears) - 1:
-            rows = w.norm(dim=1).argsort(descending=True)[:int(len(w) * (1 - fraction))].sort().values
-        new = torch.nn.Linear(w.shape[1], len(rows))
-        with torch.no_grad():
-            new.weight.copy_(w[rows])
-            new.bias.copy_(b[rows])
-        layers += [new] + ([torch.nn.ReLU()] if k < len(linears) - 1 else [])
-        cols = rows
-    return Network([torch.nn.Flatten(), *layers], model.input_shape).eval()
 
 
 def random_cnn():

@@ -10,6 +10,7 @@ from diffprobe import Box, LinfBall, UnsupportedOperationError, certify, load_mo
 from diffprobe.differential import DifferentialBounds, affine_chain, matching_chains
 from diffprobe.graph import compose
 from diffprobe.layers import Elementwise, Network
+from diffprobe.pruning import pruned_copy
 from conftest import mlp, shared, examples
 
 
@@ -140,29 +141,13 @@ def test_cnn_differential_bounds_contain_every_sample(seed, channels, noise, rad
         assert upper.abs().max() < 1e-9 and lower.abs().max() < 1e-9
 
 
-def pruned(model, keep):
-    """`model` (Linear/ReLU chain) without the hidden neurons not in keep[k] for each hidden layer k."""
-    linears = [m for m in model if isinstance(m, nn.Linear)]
-    layers, cols = [], None
-    for k, lin in enumerate(linears):
-        rows = keep[k] if k < len(keep) else list(range(lin.out_features))
-        w = lin.weight.detach()[rows][:, cols] if cols is not None else lin.weight.detach()[rows]
-        new = nn.Linear(w.shape[1], w.shape[0])
-        with torch.no_grad():
-            new.weight.copy_(w)
-            new.bias.copy_(lin.bias.detach()[rows])
-        layers += [new] + ([nn.ReLU()] if k < len(linears) - 1 else [])
-        cols = rows
-    return Network(layers, model.input_shape).eval()
-
-
 def test_node_pruned_copy_is_aligned_exactly():
     a = mlp([4, 12, 10, 3], 0)
     keep = [[0, 2, 3, 5, 6, 7, 9, 11], [1, 2, 3, 4, 6, 8, 9]]
     with torch.no_grad():  # the pruned neurons contribute nothing: b computes the same function
         a[2].weight[:, [1, 4, 8, 10]] = 0
         a[4].weight[:, [0, 5, 7]] = 0
-    b = pruned(a, keep)
+    b = pruned_copy(a, keep)
     x = torch.randn(100, 4)
     assert torch.allclose(a(x), b(x), atol=1e-6)
     lo, hi = -torch.ones(1, 4), torch.ones(1, 4)
@@ -173,7 +158,7 @@ def test_node_pruned_copy_is_aligned_exactly():
 
 def test_pruned_and_perturbed_copy_is_sound_and_tighter_than_crown():
     a = mlp([5, 20, 20, 3], 1)
-    b = perturbed(pruned(a, [list(range(0, 20, 2)) + [1, 3], list(range(16))]), 1e-3, 2)
+    b = perturbed(pruned_copy(a, [list(range(0, 20, 2)) + [1, 3], list(range(16))]), 1e-3, 2)
     region = LinfBall(torch.zeros(5), 0.3)
     diff = certify(a, b, region, method="differential", search_steps=20)
     crown = certify(a, b, region, method="crown", search_steps=20)
@@ -190,7 +175,7 @@ def test_alpha_differential_bounds_contain_every_sample(seed, depth, width, nois
     a = mlp([3] + [width] * depth + [2], seed)
     b = perturbed(a, noise, seed + 1)
     if prune and width > 2:  # b loses a neuron per hidden layer: its alpha-CROWN bounds are not used
-        b = pruned(b, [list(range(1, width))] * depth)
+        b = pruned_copy(b, [list(range(1, width))] * depth)
     gen = torch.Generator().manual_seed(seed)
     center = torch.randn(3, generator=gen, dtype=torch.float64)
     region = Box(center - radius, center + radius)
