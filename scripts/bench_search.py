@@ -17,7 +17,7 @@ import torch
 import diffprobe as dp
 from diffprobe.differences import get_difference
 from diffprobe.graph import compose, fit_region
-from diffprobe.layers import Network
+from diffprobe.layers import random_network
 
 NETS = Path(__file__).resolve().parents[2] / "shared" / "nets"
 STEPS, RESTARTS = 100, 8
@@ -85,24 +85,12 @@ def cases():
         yield f"mnistfc 256x2 vs {kind}, L-inf 0.03", fc, derived(fc, kind), dp.LinfBall(mnist, 0.03, (0, 1))
 
 
-def tiny_mlp(sizes, seed):
-    gen = torch.Generator().manual_seed(seed)
-    layers = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        lin = torch.nn.Linear(n_in, n_out)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(n_out, n_in, generator=gen) / n_in ** 0.5)
-            lin.bias.copy_(torch.randn(n_out, generator=gen) * 0.1)
-        layers += [lin] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
-    return Network(layers, (sizes[0],)).eval()
-
-
 def tiny_cases():
     """Pairs of 2-3 ReLU layers of <= 20 neurons: unrelated, W(1 + 0.05 N) and int8 copies."""
     for sizes, seed in (([4, 10, 10, 2], 0), ([5, 12, 12, 3], 1), ([3, 8, 8, 8, 2], 2)):
-        a = tiny_mlp(sizes, seed)
+        a = random_network(sizes, seed)
         box = dp.LinfBall(torch.zeros(sizes[0], dtype=torch.float64), 1.0)
-        yield f"tiny {'x'.join(map(str, sizes))} vs unrelated", a, tiny_mlp(sizes, seed + 100), box
+        yield f"tiny {'x'.join(map(str, sizes))} vs unrelated", a, random_network(sizes, seed + 100), box
         noisy = copy.deepcopy(a)
         with torch.no_grad():
             for p in noisy.parameters():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffprobe.layers import Network
+from diffprobe.layers import random_network as mlp  # noqa: F401  (the tests import mlp from here)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "nets"
 
@@ -17,18 +17,6 @@ def shared(rel):
     if not path.exists():
         pytest.skip(f"shared network {rel} not found beside the repository")
     return path
-
-
-def mlp(sizes, seed, act=nn.ReLU, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    layers = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        lin = nn.Linear(n_in, n_out)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(n_out, n_in, generator=gen) * scale / n_in ** 0.5)
-            lin.bias.copy_(torch.randn(n_out, generator=gen) * 0.1)
-        layers += [lin] + ([act()] if i < len(sizes) - 2 else [])
-    return Network(layers, (sizes[0],)).eval()
 
 
 def shifted(model, c):

@@ -88,6 +88,31 @@ def test_threshold_stops_early_and_zero_gradients_fall_back():
     assert any("gradient-free" in w for w in result.warnings)
 
 
+class _PlateauWithBump(nn.Module):
+    """1 + a slope too small to matter + a narrow bump of height 1 at x1 = 0.6: the gradient
+    ascent cannot see the bump from outside it, sampling can."""
+    input_shape = (2,)
+
+    def forward(self, x):
+        return 1 + 1e-6 * x[:, :1] + torch.relu(1 - (x[:, 1:2] - 0.6).abs() / 0.02)
+
+
+def test_a_stalled_ascent_hands_its_budget_to_the_gradient_free_search():
+    zero = mlp([2, 1], 0)
+    with torch.no_grad():
+        for p in zero.parameters():
+            p.zero_()
+    box = Box(-torch.ones(2), torch.ones(2))
+    steps, restarts = 50, 4
+    result = search(zero, _PlateauWithBump(), box, steps=steps, restarts=restarts, screen_fraction=0)
+    assert any("gained nothing" in w for w in result.warnings)
+    assert result.found > 1.5  # inside the bump, which only sampling reaches
+    # the ascent's unspent steps are not added on top of the budget
+    assert result.evaluations <= (1.1 * steps + 2) * restarts
+    smooth = search(zero, linear([1.0, 0.5], 0.0), box, steps=steps, restarts=restarts)
+    assert not any("gained nothing" in w for w in smooth.warnings)
+
+
 def test_bad_input():
     a = mlp([3, 2], 0)
     with pytest.raises(RegionError):
