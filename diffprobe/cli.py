@@ -138,16 +138,19 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 @click.option("--restarts", type=int, default=8, show_default=True)
 @click.option("--threshold", type=float, help="stop early once exceeded; exit 10 if it is")
 @click.option("--save-witness", type=click.Path(dir_okay=False), help="write the witness as .npy")
+@click.option("--data", type=click.Path(exists=True),
+              help="data file or folder: its points inside the region nearest a decision boundary start restarts")
 @_friendly
 def search(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
-           norm, clip, box, difference, seed, as_json, quiet, to_mlflow, steps, restarts, threshold, save_witness):
+           norm, clip, box, difference, seed, as_json, quiet, to_mlflow, steps, restarts, threshold, save_witness,
+           data):
     """Find the input in a region where MODEL_A and MODEL_B disagree most."""
     from . import search as run_search
     from .report import search_text
     a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
     region = make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
     result = run_search(a, b, region, difference=difference, steps=steps, restarts=restarts, seed=seed,
-                        threshold=threshold, progress=not quiet)
+                        threshold=threshold, data=data, progress=not quiet)
     if save_witness:
         import numpy as np
         np.save(save_witness, result.witness().numpy())

@@ -116,3 +116,31 @@ def _labels_in(path):
         except DataError:
             continue
     return None
+
+
+def as_points(data, labels=None):
+    """(points tensor or list of regions, labels or None, source names or None) from an array,
+    a list of points or regions, or a data file or folder (see `load_points`)."""
+    sources = None
+    if isinstance(data, (str, Path)):
+        data, file_labels, sources = load_points(data)
+        labels = file_labels if labels is None else labels
+    if isinstance(data, (list, tuple)) and data and not isinstance(data[0], (int, float)):
+        if all(hasattr(r, "bounding_box") for r in data):
+            return list(data), _labels(labels, len(data)), sources
+        data = torch.stack([torch.as_tensor(p) for p in data])
+    points = torch.as_tensor(data)
+    if points.dim() == 0 or len(points) == 0:
+        raise DataError("the data holds no points; give an array of shape [n, *input shape]")
+    if points.is_floating_point() and not bool(torch.isfinite(points).all()):
+        raise DataError("the data contains NaN or infinite values; clean it first")
+    return points.to(torch.float64), _labels(labels, len(points)), sources
+
+
+def _labels(labels, n):
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels).reshape(-1).long()
+    if len(labels) != n:
+        raise DataError(f"{len(labels)} labels for {n} points; give one label per point")
+    return labels

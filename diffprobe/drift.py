@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .certification import BranchAndBound, bound_boxes, prepare, verdict_of
-from .data import load_points
+from .data import as_points
 from .differences import get_difference
 from .errors import DataError, RegionError
 from .graph import compose
@@ -78,7 +78,7 @@ def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, diffe
     if top1:
         difference, threshold = "top1", 0.0 if threshold is None else threshold
     diff = get_difference(difference)
-    points, labels, sources = _as_points(data, labels)
+    points, labels, sources = as_points(data, labels)
     regions = _regions(model_a, model_b, points, eps, norm, clip)
     settings = DriftSettings(diff.name, threshold, method, time_budget_per_point, search_steps,
                              search_restarts, seed, eps, str(norm), list(clip) if clip else None)
@@ -116,33 +116,6 @@ def _run(jobs, executor):
     finally:
         for future in futures:
             future.cancel()
-
-
-def _as_points(data, labels):
-    """(points tensor or list of regions, labels or None, source names or None)."""
-    sources = None
-    if isinstance(data, (str, Path)):
-        data, file_labels, sources = load_points(data)
-        labels = file_labels if labels is None else labels
-    if isinstance(data, (list, tuple)) and data and not isinstance(data[0], (int, float)):
-        if all(hasattr(r, "bounding_box") for r in data):
-            return list(data), _labels(labels, len(data)), sources
-        data = torch.stack([torch.as_tensor(p) for p in data])
-    points = torch.as_tensor(data)
-    if points.dim() == 0 or len(points) == 0:
-        raise DataError("the data holds no points; give an array of shape [n, *input shape]")
-    if points.is_floating_point() and not bool(torch.isfinite(points).all()):
-        raise DataError("the data contains NaN or infinite values; clean it first")
-    return points.to(torch.float64), _labels(labels, len(points)), sources
-
-
-def _labels(labels, n):
-    if labels is None:
-        return None
-    labels = torch.as_tensor(labels).reshape(-1).long()
-    if len(labels) != n:
-        raise DataError(f"{len(labels)} labels for {n} points; give one label per point")
-    return labels
 
 
 def _regions(model_a, model_b, points, eps, norm, clip):

@@ -12,9 +12,10 @@ import warnings
 
 import torch
 
+from .data import as_points
 from .differences import Difference, get_difference
 from .objectives import Objective, as_objective
-from .errors import RegionError
+from .errors import DataError, RegionError
 from .graph import compose, fit_region
 from .progress import progress_bar
 from .results import SearchResult, provenance
@@ -96,6 +97,26 @@ class _Evaluator:
         # a NaN gradient (a user objective's 0/0) would freeze every step; treat it as flat
         return values.detach(), torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
+    def near_boundary(self, region, points, keep):
+        """The `keep` data points inside the region closest to a decision boundary: the smallest
+        top-1 margin (top output minus the runner-up) of either model; for single-output models,
+        the largest difference. Each point ranked counts as an evaluation."""
+        if points[0].numel() != region.center.numel():
+            raise DataError(f"data points have {points[0].numel()} values each; the models take "
+                            f"{region.center.numel()} ({tuple(region.shape)}): give data of the models' input shape")
+        points = points.reshape(-1, *region.shape).to(torch.float64)
+        points = points[region.contains(points)]
+        if not len(points):
+            return points
+        self.count += len(points)
+        with torch.no_grad():
+            a, b = self.pair.outputs(points)
+            if a[0].numel() < 2:
+                order = self.objective(a, b, points).argsort(descending=True)
+            else:
+                order = torch.minimum(_top1_margin(a), _top1_margin(b)).argsort()
+        return points[order[:keep]]
+
     def screen(self, region, n, keep, generator, batch=4096):
         """The `keep` best of n random points (forward passes only)."""
         points, values = [], []
@@ -108,6 +129,11 @@ class _Evaluator:
             return region.center.unsqueeze(0)[:0].to(torch.float64)
         points, values = torch.cat(points), torch.cat(values)
         return points[values.argsort(descending=True)[:keep]]
+
+
+def _top1_margin(outputs):
+    top2 = outputs.reshape(len(outputs), -1).topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
 
 
 def _apgd(evaluate, region, x0, steps, threshold, progress, generator, reserve):
@@ -226,25 +252,36 @@ def _random_search(evaluate, region, best_x, best, budget, generator, batch=64):
 
 
 def search(model_a, model_b, region, *, difference="elementwise", steps=100, restarts=8, seed=0,
-           threshold=None, starts=None, random_fraction=0.1, screen_fraction=0.2, progress=False):
+           threshold=None, starts=None, data=None, random_fraction=0.1, screen_fraction=0.2, progress=False):
     """The input in `region` where model_a and model_b disagree most (by `difference`: a registered
     name, a `Difference`, or an `Objective` such as `flip(3, 8) - 0.1 * tv()`).
 
     Returns a `SearchResult` whose witness is re-evaluated on the real models in float64 and lies
     inside the region. `threshold` stops early once exceeded (falsification); `starts` adds
-    starting points (e.g. data points); `screen_fraction` of the budget screens random points
-    for good starts and `random_fraction` goes to a gradient-free search afterwards, which takes
-    the whole budget when the models' gradients are zero.
+    starting points; `data` (points [n, *input shape], or a data file or folder) adds the points
+    inside the region nearest a decision boundary (smallest top-1 margin of either model);
+    `screen_fraction` of the budget screens random points for good starts and `random_fraction`
+    goes to a gradient-free search afterwards, which also takes what the gradient ascent leaves
+    when it gains nothing (zero or uninformative gradients).
     """
     if steps < 1 or restarts < 1:
         raise RegionError(f"steps and restarts must be >= 1 (got {steps}, {restarts})")
     pair = compose(model_a, model_b, region)
     result = search_pair(copy.deepcopy(pair).double(), objective_of(difference),
                          fit_region(region, pair.input_shape), steps=steps, restarts=restarts, seed=seed,
-                         threshold=threshold, starts=starts, random_fraction=random_fraction,
-                         screen_fraction=screen_fraction, progress=progress)
+                         threshold=threshold, starts=starts, data=_data_points(data),
+                         random_fraction=random_fraction, screen_fraction=screen_fraction, progress=progress)
     warn_masking(result.warnings)
     return result
+
+
+def _data_points(data):
+    if data is None:
+        return None
+    points = as_points(data)[0]
+    if isinstance(points, list):
+        raise DataError("search starts from data points; give an array file (or a folder of them), not VNN-LIB regions")
+    return points
 
 
 MASKING = "gradients may be masked (rounded or quantised model)"
@@ -263,7 +300,7 @@ def objective_of(difference):
     return difference if isinstance(difference, (Difference, Objective)) else get_difference(difference)
 
 
-def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, starts=None,
+def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, starts=None, data=None,
                 random_fraction=0.1, screen_fraction=0.2, progress=False):
     """`search` on an already composed float64 pair and a region in its input shape."""
     t0 = time.perf_counter()
@@ -272,7 +309,10 @@ def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, 
     screened = evaluate.screen(region, int(screen_fraction * steps * restarts), 4 * restarts, generator)
     # the best screened points start half the restarts; the next ones wait to reseed converged restarts
     screened, reserve = screened[:restarts // 2], screened[restarts // 2:]
-    starts = screened if starts is None else torch.cat([starts.reshape(-1, *region.shape).double(), screened])
+    given = [] if starts is None else [starts.reshape(-1, *region.shape).double()]
+    if data is not None:
+        given.append(evaluate.near_boundary(region, data, restarts // 2))
+    starts = torch.cat(given + [screened])
     x0 = starting_points(region, restarts, generator, starts)
     evaluate.aim(x0)
     notes, trace = [], []

@@ -127,6 +127,18 @@ def test_untrusted_pickle_and_shape_mismatch(pair):
     assert r.exit_code == 1 and "input shapes differ" in r.stderr
 
 
+def test_search_starts_from_data_and_refuses_data_of_another_shape(pair):
+    common = ["search", pair / "a.pt", pair / "b.pt", "--arch", f"{__file__}:factory", "--box", -1, 1,
+              "--steps", 5, "--quiet", "--json"]
+    plain, r = run(*common), run(*common, "--data", pair / "center.npy")
+    assert r.exit_code == 0, r.output
+    # the 4 data points are ranked (and counted) before the search starts
+    assert json.loads(r.stdout)["evaluations"] == json.loads(plain.stdout)["evaluations"] + 4
+    np.save(pair / "wide.npy", np.zeros((4, 5), dtype=np.float32))
+    r = run(*common, "--data", pair / "wide.npy")
+    assert r.exit_code == 1 and "input shape" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_version_and_usage_error():
     assert run("--version").output.startswith("diffprobe, version")
     assert run("certify").exit_code == 2

@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from diffprobe import Box, L2Ball, LinfBall, RegionError, ShapeMismatchError, search
+from diffprobe import Box, DataError, L2Ball, LinfBall, RegionError, ShapeMismatchError, search
 from diffprobe.layers import Network
 from conftest import mlp, shifted
 
@@ -113,9 +115,42 @@ def test_a_stalled_ascent_hands_its_budget_to_the_gradient_free_search():
     assert not any("gained nothing" in w for w in smooth.warnings)
 
 
+def test_data_points_nearest_a_decision_boundary_start_the_search():
+    from diffprobe.graph import compose
+    from diffprobe.search import _Evaluator
+    from diffprobe.differences import get_difference
+    a, b = mlp([2, 8, 3], 0), mlp([2, 8, 3], 1)
+    box = Box(-torch.ones(2), torch.ones(2))
+    points = torch.rand(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 4 - 2
+    evaluate = _Evaluator(copy.deepcopy(compose(a, b, box)).double(), get_difference("elementwise"))
+    chosen = evaluate.near_boundary(box, points, 3)
+    inside = points[box.contains(points)]
+    with torch.no_grad():
+        margins = [torch.sort(m(inside.float()), dim=1, descending=True).values for m in (a, b)]
+    smallest = torch.minimum(*[m[:, 0] - m[:, 1] for m in margins])
+    assert torch.equal(chosen, inside[smallest.argsort()[:3]])
+    assert evaluate.count == len(inside)  # ranking the data is paid for in evaluations
+
+    # single output: the data point in the narrow bump is ranked first and kept
+    zero = mlp([2, 1], 0)
+    with torch.no_grad():
+        for p in zero.parameters():
+            p.zero_()
+    blind = dict(steps=20, restarts=2, screen_fraction=0, random_fraction=0)
+    assert search(zero, _PlateauWithBump(), box, **blind).found < 1.5
+    # one restart of two starts from data: the bump top (0.3, 0.6) must win over its flank and the
+    # point outside the box
+    data = torch.tensor([[0.1, -0.5], [0.3, 0.61], [0.3, 0.6], [3.0, 0.6]])
+    assert search(zero, _PlateauWithBump(), box, data=data, **blind).found > 1.9
+
+
 def test_bad_input():
     a = mlp([3, 2], 0)
     with pytest.raises(RegionError):
         search(a, a, LinfBall(torch.zeros(3), 0.1), steps=0)
     with pytest.raises(ShapeMismatchError):
         search(a, a, LinfBall(torch.zeros(4), 0.1))
+    with pytest.raises(DataError, match="input shape"):
+        search(a, a, LinfBall(torch.zeros(3), 0.1), data=torch.zeros(5, 4))
+    with pytest.raises(DataError, match="no points"):
+        search(a, a, LinfBall(torch.zeros(3), 0.1), data=torch.zeros(0, 3))
