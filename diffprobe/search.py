@@ -4,7 +4,8 @@ The schedule follows AutoAttack's APGD (Croce & Hein 2020): momentum 0.75, a fir
 the radius, the step halved at checkpoints (the first at 22 % of the budget, then shrinking by 3 %
 to a 6 % floor) when at most 75 % of the recent steps improved or nothing improved since the last
 halving, restarting from the best point; exact projection onto the region (ball ∩ box).
-Restarts run batched. A gradient-free random search takes over when the gradients are zero.
+Restarts run batched. A gradient-free random search takes over when the gradients are zero or
+the ascent gains nothing in its first tenth of the steps.
 """
 import copy
 import time
