@@ -144,6 +144,19 @@ def test_data_points_nearest_a_decision_boundary_start_the_search():
     assert search(zero, _PlateauWithBump(), box, data=data, **blind).found > 1.9
 
 
+def test_a_restart_ascends_an_output_that_is_not_the_largest_at_the_starts():
+    zero, two = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        zero.weight.zero_(), zero.bias.zero_()
+        # output 1 is the larger at the start (1.0 vs 0.3) but output 0 reaches more (1.3 vs 1.1)
+        two.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.1]]))
+        two.bias.copy_(torch.tensor([0.3, 1.0]))
+    a, b = Network([zero], (2,)), Network([two], (2,))
+    result = search(a, b, Box(-torch.ones(2), torch.ones(2)), steps=20, restarts=4, starts=torch.zeros(3, 2),
+                    screen_fraction=0, random_fraction=0)
+    assert abs(result.found - 1.3) < 1e-6
+
+
 def test_bad_input():
     a = mlp([3, 2], 0)
     with pytest.raises(RegionError):
