@@ -5,7 +5,8 @@ tiny pairs against the exact optimum of a MILP (scipy.optimize.milp, big-M encod
     python scripts/bench_search.py
 
 Prints a markdown table of found values (medians over seeds 0, 1, 2 for every method) and the
-ratios search / PGD, search / random and search / exact (tiny pairs only).
+ratios search / PGD, search / random and search / exact (tiny pairs only); the last rows are balls
+the search was not developed on.
 """
 import copy
 import statistics
@@ -85,6 +86,30 @@ def cases():
         yield f"mnistfc 256x2 vs {kind}, L-inf 0.03", fc, derived(fc, kind), dp.LinfBall(mnist, 0.03, (0, 1))
 
 
+def more_cases():
+    """Balls the search was not developed on: other test points, radii and copies (seeds 1, 2 for
+    the noise copies)."""
+    load = lambda rel: dp.load_model(NETS / rel)
+    images = np.load(NETS / "mnist_3x100/mnist_test_inputs.npy")
+    har = np.load(NETS / "har/har_test_inputs.npy")
+    image = lambda i: torch.from_numpy(images[i])
+    m_a, m_b = load("mnist_3x100/mnist_relu_3_100.nnet"), load("mnist_3x100/mnist_relu_3_100_16bit.nnet")
+    fc = load("mnistfc/mnist-net_256x2.onnx")
+    h_a, h_b = load("har/HAR-trunc.onnx"), load("har/HAR-trunc-mirror.onnx")
+    for i, eps in ((5, 0.3), (8, 0.3), (9, 0.5), (10, 1.0), (11, 0.5), (12, 0.3)):
+        yield f"MNIST 3x100 vs fp16, L2 {eps}, image {i}", m_a, m_b, dp.L2Ball(image(i), eps, (0, 1))
+    for i, eps in ((16, 2), (17, 5)):
+        yield f"MNIST 3x100 vs fp16, L-inf {eps}/255, image {i}", m_a, m_b, dp.LinfBall(image(i), eps / 255, (0, 1))
+    yield "mnistfc vs int8, L2 0.5, image 13", fc, derived(fc, "int8"), dp.L2Ball(image(13), 0.5, (0, 1))
+    yield "mnistfc vs noise, L2 1.0, image 14", fc, derived(fc, "noise", 1), dp.L2Ball(image(14), 1.0, (0, 1))
+    yield "mnistfc vs pruned, L2 0.5, image 15", fc, derived(fc, "pruned"), dp.L2Ball(image(15), 0.5, (0, 1))
+    yield "mnistfc vs int8, L-inf 0.02, image 18", fc, derived(fc, "int8"), dp.LinfBall(image(18), 0.02, (0, 1))
+    yield "mnistfc vs noise, L-inf 0.05, image 19", fc, derived(fc, "noise", 2), dp.LinfBall(image(19), 0.05, (0, 1))
+    yield "HAR vs rounded, L2 0.3, point 2", h_a, h_b, dp.L2Ball(torch.from_numpy(har[2]), 0.3, (-1, 1))
+    yield "HAR vs rounded, L2 1.0, point 3", h_a, h_b, dp.L2Ball(torch.from_numpy(har[3]), 1.0, (-1, 1))
+    yield "HAR vs rounded, L-inf 0.05, point 4", h_a, h_b, dp.LinfBall(torch.from_numpy(har[4]), 0.05, (-1, 1))
+
+
 def tiny_cases():
     """Pairs of 2-3 ReLU layers of <= 20 neurons: unrelated, W(1 + 0.05 N) and int8 copies."""
     for sizes, seed in (([4, 10, 10, 2], 0), ([5, 12, 12, 3], 1), ([3, 8, 8, 8, 2], 2)):
@@ -111,7 +136,7 @@ def exact_optimum(a, b, region):
 def main():
     print("| pair / region | budget | diffprobe search | PGD | random | exact (MILP) | search / PGD | search / random | search / exact |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for tiny, generator in ((False, cases), (True, tiny_cases)):
+    for tiny, generator in ((False, cases), (True, tiny_cases), (False, more_cases)):
         for name, a, b, region in generator():
             runs = [dp.search(a, b, region, steps=STEPS, restarts=RESTARTS, seed=seed) for seed in SEEDS]
             budget = runs[0].evaluations
