@@ -241,9 +241,9 @@ def _mutation(region, n, generator):
     return (hi - lo) * (torch.rand((n, *region.shape), generator=generator, dtype=torch.float64) * 2 - 1)
 
 
-def _random_search(evaluate, region, best_x, best, budget, generator, batch=64):
+def _random_search(evaluate, region, best_x, best, budget, generator, threshold=None, batch=64):
     """Gradient-free: mutate the best point with shrinking noise, keep what improves (Square/DFlare
-    spirit); also useful to notice gradient masking."""
+    spirit), stop once past `threshold`; also useful to notice gradient masking."""
     trace, radius, spent = [], 0.5, 0
     x_best, v_best = best_x[best.argmax()].unsqueeze(0), best.max()
     while spent < budget:
@@ -257,6 +257,8 @@ def _random_search(evaluate, region, best_x, best, budget, generator, batch=64):
         else:
             radius = max(radius * 0.7, 1e-4)
         trace.append(v_best.item())
+        if threshold is not None and trace[-1] > threshold:
+            break
     return x_best, v_best, trace
 
 
@@ -338,7 +340,7 @@ def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, 
                 notes.append(f"the gradient ascent gained nothing in {taken} steps; the rest of its budget "
                              "went to the gradient-free search")
             if budget and (threshold is None or max(trace) <= threshold):
-                rx, rv, rtrace = _random_search(evaluate, region, best_x, best, budget, generator)
+                rx, rv, rtrace = _random_search(evaluate, region, best_x, best, budget, generator, threshold)
                 if rv > best.max() + 1e-12 * max(1.0, abs(best.max().item())) and not zero_grad:
                     notes.append(f"gradient-free search beat the gradient search ({rv.item():.4g} > "
                                  f"{best.max().item():.4g}): {MASKING}")

@@ -111,6 +111,9 @@ def test_a_stalled_ascent_hands_its_budget_to_the_gradient_free_search():
     assert result.found > 1.5  # inside the bump, which only sampling reaches
     # the ascent's unspent steps are not added on top of the budget
     assert result.evaluations <= (1.1 * steps + 2) * restarts
+    # falsification: the gradient-free search stops too once past the threshold
+    early = search(zero, _PlateauWithBump(), box, steps=steps, restarts=restarts, screen_fraction=0, threshold=1.2)
+    assert early.found > 1.2 and early.evaluations < result.evaluations
     smooth = search(zero, linear([1.0, 0.5], 0.0), box, steps=steps, restarts=restarts)
     assert not any("gained nothing" in w for w in smooth.warnings)
 
