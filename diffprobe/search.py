@@ -169,10 +169,9 @@ def _apgd(evaluate, region, x0, steps, threshold, progress, generator, reserve):
     x_prev, trace = x.clone(), [best.max().item()]
     checkpoints, last_cp, improved = _checkpoints(steps), 0, torch.zeros_like(best)
     best_at_cp, eta_at_cp = best.clone(), eta.clone()
-    archive = []
     if bool((grad == 0).all()):
         return best_x, best, trace, 0
-    check_every, best_at_check = max(5, steps // 10), best.clone()
+    archive, check_every, best_at_check = [], max(5, steps // 10), best.clone()
     stale = torch.zeros(len(best), dtype=torch.long)
     # a few input dimensions: ascents converge fast and fresh starts pay (tiny int8 pairs 0.72 -> 0.98
     # of the MILP optimum); many: a restart stalled once may still climb (mnistfc int8 falls below
