@@ -73,12 +73,13 @@ class Spec:
                                                            upper[:, self.k - 1:2 * (self.k - 1)])
 
 
-def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None):
-    """Per-row bounds of a batch of boxes: the intersection over `methods` (each is sound), run
-    in order until every box's scalar bound is at most `enough`; their names go to `ran`."""
+def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, within=None):
+    """Per-row bounds of a batch of boxes: the intersection over `methods` (each is sound) and
+    `within` (bounds already known to hold for these boxes), the methods run in order until every
+    box's scalar bound is at most `enough`; their names go to `ran`."""
     if spec.rows is not None:
         problem = dataclasses.replace(problem, spec=spec.rows)
-    lower, upper = None, None
+    lower, upper = within if within is not None else (None, None)
     for name in methods:
         l, u = METHODS[name](problem, region, lo, hi)
         if ran is not None:
@@ -238,12 +239,11 @@ class BranchAndBound:
         new_hi = torch.cat([left_hi.reshape(hi.shape), hi])
         # on sub-regions the differential bound alone (when available) is the cheap, tight one
         methods = ["differential"] if "differential" in self.methods else self.methods
-        lower, upper, _ = bound_boxes(self.problem, self.spec, methods, self.region, new_lo, new_hi)
         # a child lies inside its parent, so the parent's bounds hold for it too (a relaxation is
         # not monotone in the box: without this a split could loosen the bound)
-        lower = torch.maximum(lower, self.lower[order].repeat(2, 1))
-        upper = torch.minimum(upper, self.upper[order].repeat(2, 1))
-        scores = self.spec.scalar(lower, upper)
+        parent = (self.lower[order].repeat(2, 1), self.upper[order].repeat(2, 1))
+        lower, upper, scores = bound_boxes(self.problem, self.spec, methods, self.region, new_lo, new_hi,
+                                           within=parent)
         keep = torch.ones(len(self.scores), dtype=torch.bool)
         keep[order] = False
         self.lo, self.hi = torch.cat([self.lo[keep], new_lo]), torch.cat([self.hi[keep], new_hi])
@@ -275,11 +275,10 @@ class BranchAndBound:
         started = time.perf_counter()
         if deadline - started < (self.problem.alpha_seconds or 2.0):
             return
-        lower, upper, _ = bound_boxes(self.problem, self.spec, ["alpha-differential"], self.region,
-                                      self.lo, self.hi, ran=self.ran)
+        self.lower, self.upper, self.scores = bound_boxes(self.problem, self.spec, ["alpha-differential"],
+                                                          self.region, self.lo, self.hi, ran=self.ran,
+                                                          within=(self.lower, self.upper))
         self.problem.alpha_seconds = time.perf_counter() - started
-        self.lower, self.upper = torch.maximum(self.lower, lower), torch.minimum(self.upper, upper)
-        self.scores = self.spec.scalar(self.lower, self.upper)
 
     def run(self, deadline, threshold, tolerance, progress, max_leaves=200_000):
         with progress_bar(progress, None, desc="branch-and-bound") as bar:

@@ -12,6 +12,7 @@ average pooling, reshapes: each lowered to a dense matrix) and ReLUs whose depth
 with fewer neurons in one model (node pruning) is padded with zero neurons.
 """
 import copy
+import math
 
 import torch
 from torch import nn
@@ -47,9 +48,7 @@ def _dense(module, shape):
         w = module.weight.detach().double()
         b = module.bias.detach().double() if module.bias is not None else torch.zeros(len(w), dtype=torch.float64)
         return w, b, (len(w),)
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     if any(t.dtype != torch.float64 for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()):
         module = copy.deepcopy(module).double()
     with torch.no_grad():

@@ -186,11 +186,12 @@ def _staged_batch(problem, spec, methods, region, lo, hi, threshold, stacked=Fal
         if not len(todo):
             break
         part = L2Ball(region.center[todo], region.eps, region.clip) if stacked else region
-        l, u, _ = bound_boxes(problem, spec.take(todo), [name], part, lo[todo], hi[todo])
+        within = None if lower is None else (lower[todo], upper[todo])
+        l, u, _ = bound_boxes(problem, spec.take(todo), [name], part, lo[todo], hi[todo], within=within)
         if lower is None:
             lower, upper = l, u
         else:
-            lower[todo], upper[todo] = torch.maximum(lower[todo], l), torch.minimum(upper[todo], u)
+            lower[todo], upper[todo] = l, u
         scores = spec.scalar(lower, upper)
     return lower, upper, scores
 

@@ -28,6 +28,17 @@ def engine_bounds(a, b, lo, hi):
     return DifferentialBounds(matching_chains(compose(a, b))).bounds(lo, hi)
 
 
+def assert_contains_samples(a, b, box, lower, upper, gen, n=500, shape=None):
+    """Every one of n random points and 50 corners of `box` has b(x) - a(x) within [lower, upper]
+    (up to float64 rounding)."""
+    x = torch.cat([box.sample(n, gen), box.corners(50, gen)])
+    x = x if shape is None else x.reshape(-1, *shape)
+    with torch.no_grad():
+        d = b.double()(x) - a.double()(x)
+    slack = 1e-9 * (1 + d.abs().max())
+    assert (d >= lower - slack).all() and (d <= upper + slack).all()
+
+
 @settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), depth=st.integers(1, 4), width=st.integers(1, 12),
        noise=st.sampled_from([0.0, 1e-6, 1e-3, 0.1, 2.0]), radius=st.floats(1e-4, 3.0),
@@ -44,12 +55,7 @@ def test_differential_bounds_contain_every_sample(seed, depth, width, noise, rad
     lo, hi = centers - radius, centers + radius * torch.rand(boxes, 3, generator=gen, dtype=torch.float64)
     lower, upper = engine_bounds(a, b, lo, hi)
     for i in range(boxes):
-        x = Box(lo[i], hi[i]).sample(500, gen)
-        x = torch.cat([x, Box(lo[i], hi[i]).corners(50, gen)])
-        with torch.no_grad():
-            d = b.double()(x) - a.double()(x)
-        slack = 1e-9 * (1 + d.abs().max())
-        assert (d >= lower[i] - slack).all() and (d <= upper[i] + slack).all()
+        assert_contains_samples(a, b, Box(lo[i], hi[i]), lower[i], upper[i], gen)
     if noise == 0.0:
         assert upper.abs().max() < 1e-9 and lower.abs().max() < 1e-9  # identical: exactly zero
 
@@ -132,11 +138,7 @@ def test_cnn_differential_bounds_contain_every_sample(seed, channels, noise, rad
     center = torch.randn(1, 16, generator=gen, dtype=torch.float64)
     lo, hi = center - radius, center + radius
     lower, upper = engine_bounds(a, b, lo, hi)
-    x = torch.cat([Box(lo[0], hi[0]).sample(500, gen), Box(lo[0], hi[0]).corners(50, gen)])
-    with torch.no_grad():
-        d = b.double()(x.reshape(-1, 1, 4, 4)) - a.double()(x.reshape(-1, 1, 4, 4))
-    slack = 1e-9 * (1 + d.abs().max())
-    assert (d >= lower - slack).all() and (d <= upper + slack).all()
+    assert_contains_samples(a, b, Box(lo[0], hi[0]), lower, upper, gen, shape=(1, 4, 4))
     if noise == 0.0:
         assert upper.abs().max() < 1e-9 and lower.abs().max() < 1e-9
 
@@ -180,12 +182,8 @@ def test_alpha_differential_bounds_contain_every_sample(seed, depth, width, nois
     center = torch.randn(3, generator=gen, dtype=torch.float64)
     region = Box(center - radius, center + radius)
     cert = certify(a, b, region, method="alpha-differential", search_steps=5, search_restarts=2)
-    x = torch.cat([region.sample(2000, gen), region.corners(50, gen)])
-    with torch.no_grad():
-        d = b.double()(x) - a.double()(x)
     lower, upper = (torch.tensor(v, dtype=torch.float64) for v in (cert.lower, cert.upper))
-    slack = 1e-9 * (1 + d.abs().max())
-    assert (d >= lower - slack).all() and (d <= upper + slack).all()
+    assert_contains_samples(a, b, region, lower, upper, gen, n=2000)
 
 
 def test_alpha_differential_is_much_tighter_on_a_deep_network():
