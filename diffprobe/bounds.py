@@ -1,17 +1,22 @@
 """Bound methods over the composed difference graph: a registry of plain functions.
 
 Each method takes a `Problem` and a batch of input boxes (or the region itself for L2 balls)
-and returns sound lower/upper bounds on every spec row. auto_LiRPA's option dicts are spelled
-here and nowhere else.
+and returns sound lower/upper bounds on every spec row, for the models as they run (see
+`diffprobe.deployment`). In exact arithmetic the composed graph is the two models' float64
+forward passes; in deployed arithmetic it is their lowered chains with the error terms as a second
+input (a box whose radii come from each chain's own bound pass). auto_LiRPA's option dicts are
+spelled here and nowhere else.
 """
 import contextlib
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .differential import DifferentialBounds, matching_chains
+from .differential import ChainBounds, DifferentialBounds, matching_layers
 from .errors import UnsupportedOperationError
 from .graph import DifferenceGraph
 from .lirpa_compat import import_auto_lirpa, traced
@@ -35,15 +40,111 @@ def register_method(name):
 
 @dataclass
 class Problem:
-    """What is bounded: the float64 graph, its auto_LiRPA module, the spec matrix, the dtype."""
+    """What is bounded: the float64 difference graph (None when the deployed arithmetic cannot be
+    bounded), its auto_LiRPA module (traced on first use), the spec matrix, the deployment."""
 
-    graph: DifferenceGraph
-    module: object
+    graph: object
     spec: torch.Tensor  # [rows, outputs] or [boxes, rows, outputs]; None: the outputs themselves
+    deployment: object
+    noisy: object = None  # the NoisyPair under the graph in deployed arithmetic
+    why_unbounded: str = ""  # why `graph` is None
     dtype: torch.dtype = torch.float64
+    traced: object = None
     differential: object = None  # the differential engine (False: not applicable), built on first use
     singles: object = None  # each model traced alone, for alpha-differential; built on first use
     alpha_seconds: float = None  # what one alpha-differential pass took on this problem
+    outputs: int = 0  # outputs per model
+    scale: float = 1.0  # magnitude of the models' outputs (bounds are rounded outward relative to it)
+
+    @property
+    def module(self):
+        if self.graph is None:
+            raise UnsupportedOperationError([self.why_unbounded], what="bounding the deployed arithmetic",
+                                            hint="use arithmetic 'exact' for a bound on the stored "
+                                                 "weights in exact arithmetic")
+        if self.traced is None:
+            inputs = (torch.zeros(1, *self.deployment.pair.input_shape, dtype=self.dtype),)
+            if self.noisy is not None:
+                inputs += (torch.zeros(1, self.noisy.width, dtype=self.dtype),)
+            self.traced = _bounded_module(self.graph, inputs)
+        return self.traced
+
+
+class NoisyChain(nn.Module):
+    """A lowered chain over (x, e): z_k = W_k h + b_k + sum_t M_t e_t, e holding every error term
+    of the chain in order. Weights are parameters: auto_LiRPA 0.3 bounds F.linear by them."""
+
+    def __init__(self, layers, input_size):
+        super().__init__()
+        self.layers = layers
+        probe = torch.zeros(1, input_size, dtype=torch.float64)
+        noise = ChainBounds(layers).intermediate(probe, probe).noise
+        self.terms = [[r.shape[1] for _, r in terms] for terms in noise]
+        self.weights = nn.ParameterList([nn.Parameter(layer.weight, requires_grad=False) for layer in layers])
+        self.biases = nn.ParameterList([nn.Parameter(layer.bias, requires_grad=False) for layer in layers])
+        maps = [[m for m, _ in terms] for terms in noise]
+        self.maps = nn.ParameterList([nn.Parameter(m, requires_grad=False) for row in maps for m in row if m is not None])
+        self.identity = [[m is None for m in row] for row in maps]
+        self.width = sum(sum(row) for row in self.terms)
+
+    def forward(self, x, e):
+        h, offset, m = x.reshape(x.shape[0], -1), 0, 0
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            z = nn.functional.linear(h, w, b)
+            for size, identity in zip(self.terms[k], self.identity[k]):
+                part = e[:, offset:offset + size]
+                offset += size
+                if identity:
+                    z = z + part
+                else:
+                    z = z + nn.functional.linear(part, self.maps[m])
+                    m += 1
+            h = torch.relu(z) if k < len(self.weights) - 1 else z
+        return h
+
+    def radii(self, lo, hi):
+        """The error terms' radii over boxes [B, n], in the order `forward` reads them."""
+        state = ChainBounds(self.layers).intermediate(lo, hi)
+        radii = [r for terms in state.noise for _, r in terms]
+        return torch.cat(radii, 1) if radii else lo[:, :0]
+
+
+class NoisyPair(nn.Module):
+    """Both lowered chains over (x, e): what the deployed models can output, e within its radii."""
+
+    def __init__(self, chain_a, chain_b, input_shape):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        n = math.prod(input_shape)
+        layers = [chain_a.layers(), chain_b.layers()]
+        if None in layers:
+            raise UnsupportedOperationError(["a chain that does not alternate affine layers and ReLUs"],
+                                            what="bounding the deployed arithmetic")
+        self.model_a, self.model_b = NoisyChain(layers[0], n), NoisyChain(layers[1], n)
+        self.width = self.model_a.width + self.model_b.width
+
+    def outputs(self, x, e):
+        split = self.model_a.width
+        return self.model_a(x, e[:, :split]), self.model_b(x, e[:, split:])
+
+    def radii(self, lo, hi):
+        lo, hi = lo.reshape(len(lo), -1).double(), hi.reshape(len(hi), -1).double()
+        return torch.cat([self.model_a.radii(lo, hi), self.model_b.radii(lo, hi)], 1)
+
+
+def build_problem(deployment, kind, spec=None):
+    """The problem of bounding `kind` ('elementwise', 'probability' or 'stacked') between the
+    deployed models: over their exact float64 pair, or their lowered chains with error terms."""
+    if deployment.exact:
+        return Problem(DifferenceGraph(deployment.surrogate, kind).double().eval(), spec, deployment)
+    if not deployment.native_bounds:
+        why = "; ".join(deployment.notes) or "a model is not lowered"
+        return Problem(None, spec, deployment, why_unbounded=why)
+    try:
+        noisy = NoisyPair(*deployment.chains, deployment.pair.input_shape)
+    except UnsupportedOperationError as exc:
+        return Problem(None, spec, deployment, why_unbounded=str(exc))
+    return Problem(DifferenceGraph(noisy, kind).eval(), spec, deployment, noisy=noisy)
 
 
 class _UnsupportedCollector(logging.Handler):
@@ -71,18 +172,13 @@ def _quiet_lirpa_logger():
         logger.propagate, logger.handlers = old
 
 
-def build_problem(graph, input_shape, spec=None, dtype=torch.float64):
+def _bounded_module(graph, inputs, dtype=torch.float64):
     """Trace `graph` with auto_LiRPA; an unboundable op gives one error listing all of them."""
-    graph = graph.to(dtype).eval()
-    return Problem(graph, _bounded_module(graph, input_shape, dtype), spec, dtype)
-
-
-def _bounded_module(graph, input_shape, dtype):
     lirpa = import_auto_lirpa()
     with traced(dtype), _quiet_lirpa_logger() as collector, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript tracer warnings about shape checks
         try:
-            module = lirpa.BoundedModule(graph, torch.zeros(1, *input_shape, dtype=dtype),
+            module = lirpa.BoundedModule(graph, inputs if len(inputs) > 1 else inputs[0],
                                          bound_opts=BOUND_OPTS, verbose=False)
         except NotImplementedError as exc:
             raise UnsupportedOperationError(
@@ -106,58 +202,69 @@ def _box_input(lo, hi):
     return lirpa.BoundedTensor((lo + hi) / 2, lirpa.PerturbationLpNorm(norm=float("inf"), x_L=lo, x_U=hi))
 
 
+def _inputs(problem, x, lo, hi):
+    """The traced graph's inputs: x, and under deployed arithmetic the box of the error terms."""
+    if problem.noisy is None:
+        return (x,)
+    r = problem.noisy.radii(lo, hi).to(problem.dtype)
+    return x, _box_input(-r, r)
+
+
 def _lirpa_bounds(problem, region, lo, hi, method):
     """Bounds over boxes; an L2 ball is bounded both as a ball and as its bounding box, and the
     intersection kept. Under IBP only the box: 0.3 propagates an L2 input's interval as its
     centre through any op but Linear/Conv (e.g. a residual add), which is unsound."""
+    module = problem.module
     if region.norm == 2.0:
-        box = _lirpa_call(problem, _bounded_input(region, lo, hi, l2=False), method)
+        box = _lirpa_call(problem, module, _inputs(problem, _bounded_input(region, lo, hi, l2=False), lo, hi), method)
         if method == "IBP":
             return box
-        ball = _lirpa_call(problem, _bounded_input(region, lo, hi), method)
+        ball = _lirpa_call(problem, module, _inputs(problem, _bounded_input(region, lo, hi), lo, hi), method)
         return torch.maximum(box[0], ball[0]), torch.minimum(box[1], ball[1])
-    return _lirpa_call(problem, _bounded_input(region, lo, hi), method)
+    return _lirpa_call(problem, module, _inputs(problem, _bounded_input(region, lo, hi), lo, hi), method)
 
 
-def _lirpa_call(problem, x, method):
-    x = x.to(problem.dtype)
+def _lirpa_call(problem, module, inputs, method):
+    inputs = tuple(x.to(problem.dtype) for x in inputs)
     spec = None
     if problem.spec is not None:  # one spec for all boxes [rows, outputs], or one per box
         spec = problem.spec.to(problem.dtype)
-        spec = spec.expand(x.shape[0], -1, -1) if spec.dim() == 2 or len(spec) == 1 else spec
-    return _compute_bounds(problem.module, x, spec, method, problem.dtype)
+        spec = spec.expand(inputs[0].shape[0], -1, -1) if spec.dim() == 2 or len(spec) == 1 else spec
+    return _compute_bounds(module, inputs, spec, method, problem.dtype)
 
 
-def _compute_bounds(module, x, spec, method, dtype):
+def _compute_bounds(module, inputs, spec, method, dtype):
     with traced(dtype), _quiet_lirpa_logger(), warnings.catch_warnings():
         # 0.3 warns about every identity matrix it builds for a BatchNorm layer's bounds
         warnings.filterwarnings("ignore", message="Creating an identity matrix")
         try:
-            lower, upper = module.compute_bounds(x=(x,), C=spec, method=method)
-        except (NotImplementedError, AssertionError, RuntimeError) as exc:
+            lower, upper = module.compute_bounds(x=inputs, C=spec, method=method)
+        except (NotImplementedError, AssertionError, RuntimeError, IndexError, TypeError) as exc:
             raise UnsupportedOperationError([type(exc).__name__ + ": " + str(exc)[:200]],
                                             what=f"auto_LiRPA {method} on this graph",
-                                            hint="try --method ibp or crown") from exc
+                                            hint="try another method (ibp, crown)") from exc
     return lower.detach(), upper.detach()
 
 
 def differential_engine(problem):
     """The differential engine when the problem is an elementwise difference of two matching
-    affine/ReLU chains, else None; built once per problem."""
+    lowered chains, else None; built once per problem."""
     if problem.differential is None:
-        chains = matching_chains(problem.graph.pair) if problem.graph.kind == "elementwise" else None
-        problem.differential = DifferentialBounds(chains) if chains is not None else False
+        kind = problem.graph.kind if problem.graph is not None else None
+        layers = matching_layers(*problem.deployment.chains) if kind == "elementwise" else None
+        problem.differential = DifferentialBounds(layers) if layers is not None else False
     return problem.differential or None
 
 
 def _engine_or_raise(problem):
-    if problem.graph.kind != "elementwise":
+    if problem.graph is not None and problem.graph.kind != "elementwise":
         raise UnsupportedOperationError([problem.graph.kind], what="the differential method",
                                         hint="it bounds the elementwise difference only")
     engine = differential_engine(problem)
     if engine is None:
+        reasons = problem.deployment.notes or ["layer structures that do not match"]
         raise UnsupportedOperationError(
-            ["layer structures that do not match"], what="the differential method",
+            reasons, what="the differential method",
             hint="it needs two chains of affine layers (Linear, Conv, BatchNorm, AvgPool) and ReLUs "
                  "of equal depth; use crown")
     return engine
@@ -177,42 +284,59 @@ def alpha_differential(problem, region, lo, hi):
     as good as the two networks' own pre-activation bounds (ACAS Xu boxes: up to 25x tighter, for
     about one alpha-CROWN pass of the composed graph)."""
     engine = _engine_or_raise(problem)
-    if problem.singles is None:
-        pair, shape = problem.graph.pair, problem.graph.pair.input_shape
-        problem.singles = [_bounded_module(m, shape, problem.dtype) for m in (pair.model_a, pair.model_b)]
-    layers = [_per_layer(_relu_input_bounds(m, lo, hi, problem.dtype), chain, lo, hi)
-              for m, chain in zip(problem.singles, (engine.a, engine.b))]
+    noisy = [None, None] if problem.noisy is None else [problem.noisy.model_a, problem.noisy.model_b]
+    layers = [_per_layer(_relu_input_bounds(problem, m, chain, lo, hi), own.layers, lo, hi)
+              for m, chain, own in zip(_singles(problem), noisy, (engine.a, engine.b))]
     return engine.bounds(lo, hi, given=[a + b for a, b in zip(*layers)])
 
 
-def _relu_input_bounds(module, lo, hi, dtype):
-    """Per ReLU of a traced network, in the order auto_LiRPA holds them, the bounds of its input
-    over the boxes after alpha-CROWN."""
-    _compute_bounds(module, _box_input(lo.to(dtype), hi.to(dtype)), None, "CROWN-Optimized", dtype)
+def _singles(problem):
+    """Each network alone, traced: its float64 forward (exact), or its noisy chain (deployed)."""
+    if problem.singles is None:
+        shape = problem.deployment.pair.input_shape
+        if problem.noisy is None:
+            pair = problem.deployment.surrogate
+            problem.singles = [_bounded_module(m, (torch.zeros(1, *shape, dtype=problem.dtype),))
+                               for m in (pair.model_a, pair.model_b)]
+        else:
+            problem.singles = [_bounded_module(m, (torch.zeros(1, *shape, dtype=problem.dtype),
+                                                   torch.zeros(1, m.width, dtype=problem.dtype)))
+                               for m in (problem.noisy.model_a, problem.noisy.model_b)]
+    return problem.singles
+
+
+def _relu_input_bounds(problem, module, noisy, lo, hi):
+    """Per ReLU of a traced network (with its `NoisyChain` under deployed arithmetic), in the order
+    auto_LiRPA holds them, the bounds of its input over the boxes after alpha-CROWN."""
+    inputs = (_box_input(lo.to(problem.dtype), hi.to(problem.dtype)),)
+    if noisy is not None:
+        r = noisy.radii(lo.reshape(len(lo), -1).double(), hi.reshape(len(hi), -1).double())
+        inputs += (_box_input(-r, r),)
+    _compute_bounds(module, inputs, None, "CROWN-Optimized", problem.dtype)
     return [(n.inputs[0].lower.detach().reshape(len(lo), -1).double(),
              n.inputs[0].upper.detach().reshape(len(lo), -1).double())
             for n in module._modules.values() if type(n).__name__ == "BoundRelu"]
 
 
-def _per_layer(bounds, chain, lo, hi):
-    """`bounds` as the engine's hidden layers of `chain`, checked against the pre-activations at
-    the box centres; infinite where they do not line up (a node-pruned model's layers are padded
-    in the engine, or auto_LiRPA's ReLU order differs from the chain's)."""
-    if len(bounds) != len(chain) - 1:
-        return _unbounded(chain, len(lo))
+def _per_layer(bounds, layers, lo, hi):
+    """`bounds` as the engine's hidden layers, checked against the pre-activations at the box
+    centres; infinite where they do not line up (a node-pruned model's layers are padded in the
+    engine, or auto_LiRPA's ReLU order differs from the chain's)."""
+    if len(bounds) != len(layers) - 1:
+        return _unbounded(layers, len(lo))
     h = ((lo + hi) / 2).reshape(len(lo), -1).double()
-    for (w, b), (l, u) in zip(chain[:-1], bounds):
-        z = h @ w.T + b
+    for layer, (l, u) in zip(layers[:-1], bounds):
+        z = h @ layer.weight.T + layer.bias
         tol = 1e-9 * (1 + z.abs())
         if l.shape != z.shape or bool(((z < l - tol) | (z > u + tol)).any()):
-            return _unbounded(chain, len(lo))
+            return _unbounded(layers, len(lo))
         h = torch.relu(z)
     return bounds
 
 
-def _unbounded(chain, boxes):
-    inf = lambda w: torch.full((boxes, w.shape[0]), float("inf"), dtype=torch.float64)
-    return [(-inf(w), inf(w)) for w, _ in chain[:-1]]
+def _unbounded(layers, boxes):
+    inf = lambda layer: torch.full((boxes, layer.weight.shape[0]), float("inf"), dtype=torch.float64)
+    return [(-inf(layer), inf(layer)) for layer in layers[:-1]]
 
 
 @register_method("ibp")

@@ -2,14 +2,17 @@
 branch-and-bound that tightens the bound while a search raises the witness below it."""
 import copy
 import dataclasses
+import math
 import time
 
 import torch
 
+from .arithmetic import outward
 from .bounds import METHODS, build_problem, differential_engine
+from .deployment import deploy
 from .differences import get_difference
 from .errors import DiffprobeError, UnsupportedOperationError
-from .graph import DifferenceGraph, compose, fit_region
+from .graph import fit_region
 from .results import Certificate, Verdict, provenance
 from .progress import progress_bar
 from .search import search_pair, warn_masking
@@ -81,7 +84,7 @@ def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, 
         problem = dataclasses.replace(problem, spec=spec.rows)
     lower, upper = within if within is not None else (None, None)
     for name in methods:
-        l, u = METHODS[name](problem, region, lo, hi)
+        l, u = outward(*METHODS[name](problem, region, lo, hi), problem.scale)
         if ran is not None:
             ran.append(name)
         lower = l if lower is None else torch.maximum(lower, l)
@@ -90,6 +93,10 @@ def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, 
             lower, upper = lower.clamp(-1.0, 1.0), upper.clamp(-1.0, 1.0)
         if bool((spec.scalar(lower, upper) <= enough).all()):
             break
+    if lower is None:  # nothing could bound these boxes
+        rows = spec.rows.shape[-2] if spec.rows is not None else problem.outputs
+        lower = torch.full((len(lo), rows), -_INF, dtype=torch.float64)
+        upper = torch.full_like(lower, _INF)
     return lower, upper, spec.scalar(lower, upper)
 
 
@@ -98,8 +105,10 @@ def methods_for(method, problem, optimise):
     intersection is never looser than either), plus with `optimise` an optimised pass
     (alpha-differential, else alpha-CROWN) for small problems. Cheapest first, so a caller with a
     threshold can stop once a box is verified (alpha-differential always comes after the plain
-    differential pass)."""
+    differential pass). None at all when the deployed arithmetic cannot be bounded."""
     if method == "auto":
+        if problem.graph is None:
+            return []
         engine = differential_engine(problem)
         if engine is not None:  # alpha-CROWN's cost grows with the neurons (a CNN's: many)
             return ["differential", "crown"] + (["alpha-differential"] if optimise and engine.hidden <= 1024 else [])
@@ -122,44 +131,63 @@ def verdict_of(bound, found, threshold):
 
 def certify(model_a, model_b, region, *, difference="elementwise", method="auto", threshold=None,
             time_budget=None, tolerance=0.05, search_steps=50, search_restarts=8, seed=0,
-            progress=False):
+            arithmetic="native", arithmetic_b=None, progress=False):
     """Certified bounds on `difference` between the models over `region`, with a witness.
 
     `method`: ibp, crown, alpha-crown, differential, alpha-differential or auto. With
     `time_budget` (seconds), input-split branch-and-bound runs until the gap (bound - found) is
     within `tolerance` of the bound, the verdict against `threshold` is reached, or the budget is
-    spent. Bounds are computed in float64 so rounding cannot make the certificate lie.
+    spent. `arithmetic` (for model_b `arithmetic_b` when it differs): what the bound covers, see
+    `diffprobe.deployment` — by default each model as it runs (fp16 in fp16, int8 as int8); the
+    witness is always evaluated on the models as they run. Bounds are computed in float64 and
+    rounded outward; an unbounded one (overflow, NaN) is +inf and never verifies.
     """
     t0 = time.perf_counter()
     diff = get_difference(difference)
     # branch-and-bound's many cheap passes beat one optimised pass: optimise single passes only
-    pair64, (region,), spec, problem, methods = prepare(model_a, model_b, [region], diff, method,
-                                                        optimise=not time_budget)
-    witness = search_pair(pair64, diff, region, steps=search_steps, restarts=search_restarts,
-                          seed=seed, threshold=threshold)
+    deployment, (region,), spec, problem, methods = prepare(model_a, model_b, [region], diff, method,
+                                                            not time_budget, arithmetic, arithmetic_b)
+    witness = search_pair(deployment.pair, diff, region, surrogate=deployment.surrogate, steps=search_steps,
+                          restarts=search_restarts, seed=seed, threshold=threshold)
     warn_masking(witness.warnings)
     # the costlier methods run only while they can change the answer: until the bound reaches the
     # threshold (when the witness does not exceed it), else until the gap is within tolerance
     enough = (threshold if threshold is not None and witness.found <= threshold
               else witness.found / (1 - tolerance))
-    state = BranchAndBound(problem, spec, methods, region, pair64, diff, witness, enough=enough)
-    if method == "auto" and spec.kind == "elementwise" and "differential" not in methods:
-        state.notes.append("the two layer structures do not match (or are not affine/ReLU chains): "
-                           "bounded on the composed graph, without the differential method")
-    if time_budget and region.norm != 2.0:
+    state = BranchAndBound(problem, spec, methods, region, diff, witness, enough=enough)
+    state.notes += unbounded_notes(problem, method, methods, spec)
+    if time_budget and region.norm != 2.0 and methods:
         state.run(t0 + time_budget, threshold, tolerance, progress)
     return state.certificate(method if method != "auto" else "auto(" + "+".join(state.ran) + ")",
                              threshold, seed, time.perf_counter() - t0)
 
 
-def prepare(model_a, model_b, regions, diff, method, optimise):
-    """What bounding needs, shared by `certify` and `drift`: the float64 pair, the regions in its
-    input shape, their spec, the traced problem and the methods to run (cheapest first)."""
-    pair64 = copy.deepcopy(compose(model_a, model_b, regions[0])).double()
-    regions = [fit_region(r, pair64.input_shape) for r in regions]
-    spec = Spec(diff, pair64, torch.stack([r.center for r in regions]))
-    problem = build_problem(DifferenceGraph(pair64, spec.graph_kind), pair64.input_shape)
-    return pair64, regions, spec, problem, methods_for(method, problem, optimise)
+def unbounded_notes(problem, method, methods, spec):
+    """What the user needs to know about how (or whether) the deployed models were bounded."""
+    if not methods:
+        return [f"no certified bound for the models as they run ({problem.why_unbounded}); the verdict "
+                "rests on the witness alone; arithmetic 'exact' bounds the stored weights in exact arithmetic"]
+    if method == "auto" and spec.kind == "elementwise" and "differential" not in methods:
+        return ["the two layer structures do not match (or are not affine/ReLU chains): bounded on the "
+                "composed graph, without the differential method"]
+    return []
+
+
+def prepare(model_a, model_b, regions, diff, method, optimise, arithmetic="native", arithmetic_b=None):
+    """What bounding needs, shared by `certify` and `drift`: the models as they run, the regions in
+    their input shape, their spec, the problem and the methods to run (cheapest first)."""
+    deployment = deploy(model_a, model_b, regions, arithmetic, arithmetic_b)
+    regions = [fit_region(r, deployment.pair.input_shape) for r in regions]
+    spec = Spec(diff, deployment.pair, torch.stack([r.center for r in regions]))
+    problem = build_problem(deployment, spec.graph_kind)
+    with torch.no_grad():
+        a, b = deployment.pair.outputs(torch.stack([r.center for r in regions]))
+    problem.outputs = a.shape[1]
+    # the magnitudes a bound is computed from (for rounding it outward); inf if a model overflows
+    problem.scale = float(torch.nan_to_num(torch.cat([a, b], 1).abs(), nan=_INF).max()) + 1.0
+    if method != "auto" and problem.graph is None:
+        problem.module  # raises the one-line reason
+    return deployment, regions, spec, problem, methods_for(method, problem, optimise)
 
 
 INPUT_SPLIT_MAX_DIMS = 8  # halving one input at a time shrinks a box of more dimensions too slowly
@@ -168,9 +196,9 @@ INPUT_SPLIT_MAX_DIMS = 8  # halving one input at a time shrinks a box of more di
 class BranchAndBound:
     """Leaves of the input split; the bound is the max over leaves (and pruned leaves)."""
 
-    def __init__(self, problem, spec, methods, region, pair64, diff, witness, initial=None, enough=-_INF):
+    def __init__(self, problem, spec, methods, region, diff, witness, initial=None, enough=-_INF):
         self.problem, self.spec, self.methods, self.region = problem, spec, methods, region
-        self.pair64, self.diff = pair64, diff
+        self.pair, self.surrogate, self.diff = problem.deployment.pair, problem.deployment.surrogate, diff
         self.found, self.witness = witness.found, torch.tensor(witness.x, dtype=torch.float64)
         self.notes = list(witness.warnings)
         lo, hi = region.bounding_box()
@@ -184,14 +212,15 @@ class BranchAndBound:
         self.per_split = None  # seconds per split in the last step
         self.engine = differential_engine(problem) if "differential" in methods else None
         self.sensitivity = (None if self.engine is None else
-                            self.engine.a[0][0].abs().sum(0) + self.engine.b[0][0].abs().sum(0))
+                            sum(w.abs().sum(0) for w in self.engine.first_weights))
         if region.norm == 2.0:
             self.notes.append("L2 regions are bounded in one pass (ball bound intersected with the "
                               "bounding-box bound); no branch-and-bound")
 
     @property
     def bound(self):
-        return max(self.pruned_max, self.scores.max().item() if len(self.scores) else -_INF)
+        worst = self.scores.max().item() if len(self.scores) else -_INF
+        return _INF if math.isnan(worst) else max(self.pruned_max, worst)
 
     def _prune(self, level):
         drop = self.scores <= level
@@ -209,20 +238,23 @@ class BranchAndBound:
         both models; on the ACAS property-1 box this reaches a 45x smaller bound in 30 s than the
         gradient score, whose value at a box centre is noise for a near-identical pair); otherwise
         width times |gradient of the difference| at the centre."""
-        x = ((lo + hi) / 2).requires_grad_(self.sensitivity is None)
-        with torch.set_grad_enabled(self.sensitivity is None):
-            values = self.diff(*self.pair64.outputs(x))
+        x = (lo + hi) / 2
+        with torch.no_grad():
+            self._raise_witness(x, self.diff(*self.pair.outputs(x)))
         width = (hi - lo).reshape(len(lo), -1)
         if self.sensitivity is not None:
             score = width * self.sensitivity
-        else:
-            grad, = torch.autograd.grad(values.sum(), x)
+        elif self.surrogate is not None:
+            x = x.clone().requires_grad_(True)
+            grad, = torch.autograd.grad(self.diff(*self.surrogate.outputs(x)).sum(), x)
             score = grad.abs().reshape(len(lo), -1) * width
             score = torch.where(score.amax(1, keepdim=True) > 0, score, width)
-        self._raise_witness(x.detach(), values.detach())
+        else:
+            score = width
         return score.argmax(dim=1)
 
     def _raise_witness(self, x, values):
+        values = torch.nan_to_num(values, nan=_INF)  # a deployed model that outputs NaN differs without bound
         best = int(values.argmax())
         if values[best].item() > self.found:
             self.found, self.witness = values[best].item(), x[best].reshape(-1)
@@ -288,7 +320,7 @@ class BranchAndBound:
                     self._prune(self._level(threshold))
                     if not len(self.scores) or (threshold is not None and self.found > threshold):
                         break
-                    if self.bound - self.found <= tolerance * abs(self.bound):
+                    if math.isfinite(self.bound) and self.bound - self.found <= tolerance * abs(self.bound):
                         break
                     if len(self.scores) > max_leaves:
                         self.notes.append(f"stopped at {max_leaves} open sub-regions")
@@ -307,13 +339,20 @@ class BranchAndBound:
         lower = torch.minimum(self.lower.amin(0), self.pruned_lower) if len(self.scores) else self.pruned_lower
         upper = torch.maximum(self.upper.amax(0), self.pruned_upper) if len(self.scores) else self.pruned_upper
         lower, upper = self.spec.reported(lower.unsqueeze(0), upper.unsqueeze(0))
-        bound = self.bound
-        gap = self.found / bound if bound > 0 and self.found > 0 else (1.0 if bound == self.found else 0.0)
-        if self.found > bound + 1e-9 * max(1.0, abs(bound)):
-            raise AssertionError(f"unsound bound: witness {self.found} > certified {bound}; please report this")
+        bound, notes = self.bound, list(self.notes)
+        if self.found > bound:
+            # a deployed model's output above its certified bound: the error model missed something.
+            # Never report such a bound (it would verify falsely); please report it as a bug
+            notes.append(f"internal check failed: the witness ({self.found:.6g}) exceeds the computed bound "
+                         f"({bound:.6g}); the bound is withdrawn. Please report this")
+            bound, lower, upper = _INF, torch.full_like(lower, -_INF), torch.full_like(upper, _INF)
+        if bound == _INF and not any("unbounded" in n for n in notes):
+            notes.append("the certified bound is unbounded (+inf, written as null in JSON): overflow, NaN, "
+                         "or no method could bound the models as they run")
+        gap = self.found / bound if 0 < bound < _INF and self.found > 0 else (1.0 if bound == self.found else 0.0)
         return Certificate(
             difference=self.diff.name, method=method, lower=lower[0].tolist(), upper=upper[0].tolist(),
             bound=bound, found=self.found, gap_ratio=gap, verdict=verdict_of(bound, self.found, threshold),
             threshold=threshold, seconds=seconds, seed=seed, witness=self.witness.tolist(),
-            branches=self.branches, region=self.region.to_dict(), notes=self.notes,
-            provenance=provenance(seed, torch_dtype="float64"))
+            branches=self.branches, region=self.region.to_dict(), notes=notes,
+            provenance=provenance(seed, torch_dtype="float64"), arithmetic=self.problem.deployment.arithmetic)

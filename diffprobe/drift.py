@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from .certification import BranchAndBound, bound_boxes, prepare, verdict_of
+from .certification import BranchAndBound, bound_boxes, prepare, unbounded_notes, verdict_of
+from .deployment import deploy
 from .data import as_points
 from .differences import get_difference
 from .errors import DataError, RegionError
 from .graph import compose
 from .progress import progress_bar
 from .regions import L2Ball, ball
-from .results import DriftReport, Verdict, provenance
+from .results import DriftReport, Verdict, json_safe, provenance
 from .search import MASKING, search_pair
 
 _CHECKPOINT_VERSION = 1
@@ -44,6 +45,8 @@ class DriftSettings:
     eps: float = None
     norm: str = "inf"
     clip: tuple = None
+    arithmetic: str = "native"
+    arithmetic_b: str = None
 
 
 @dataclass
@@ -61,7 +64,7 @@ class Job:
 def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, difference="elementwise",
           top1=False, labels=None, method="auto", time_budget_per_point=None, clip=None, executor=None,
           chunk_size=64, threads_per_job=0, search_steps=50, search_restarts=8, seed=0, checkpoint=None,
-          resume=False, progress=False):
+          resume=False, arithmetic="native", arithmetic_b=None, progress=False):
     """Certify, around every data point, that model_b's outputs stay within `threshold` of model_a's.
 
     `data`: a tensor/array of points [n, *input shape], a data file or folder (see
@@ -72,7 +75,8 @@ def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, diffe
     `client.get_executor()`); chunks of `chunk_size` points are its jobs, each limited to
     `threads_per_job` torch threads when given (so parallel jobs do not oversubscribe cores). `checkpoint`: a JSON
     Lines file that receives each finished point; `resume=True` skips the points already in it.
-    Returns a `DriftReport`.
+    `arithmetic` / `arithmetic_b`: what the bounds cover (see `diffprobe.deployment`; default: the
+    models as they run). Returns a `DriftReport`.
     """
     t0 = time.perf_counter()
     if top1:
@@ -81,7 +85,8 @@ def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, diffe
     points, labels, sources = as_points(data, labels)
     regions = _regions(model_a, model_b, points, eps, norm, clip)
     settings = DriftSettings(diff.name, threshold, method, time_budget_per_point, search_steps,
-                             search_restarts, seed, eps, str(norm), list(clip) if clip else None)
+                             search_restarts, seed, eps, str(norm), list(clip) if clip else None,
+                             arithmetic, arithmetic_b)
     header = {"diffprobe_drift": _CHECKPOINT_VERSION, "settings": asdict(settings), "points": len(regions),
               "data": _fingerprint(regions)}
     done = _read_checkpoint(checkpoint, header) if resume else {}
@@ -100,7 +105,8 @@ def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, diffe
         except KeyboardInterrupt:
             notes.append(f"interrupted: {len(records)} of {len(regions)} points finished"
                          + (f"; resume from {checkpoint}" if checkpoint else ""))
-    return _report(regions, records, labels, sources, settings, notes, time.perf_counter() - t0)
+    labels_of = deploy(model_a, model_b, regions[:1], arithmetic, arithmetic_b).arithmetic
+    return _report(regions, records, labels, sources, settings, notes, time.perf_counter() - t0, labels_of)
 
 
 def _run(jobs, executor):
@@ -138,19 +144,21 @@ def run_chunk(job):
     diff = get_difference(s.difference)
     # over many points, auto keeps to the cheap passes (an optimised one costs seconds per point:
     # mnistfc int8, 1,000 points, 9 s -> 72 s); method="alpha-differential" asks for it
-    pair64, regions, spec, problem, methods = prepare(job.model_a, job.model_b, job.regions, diff, s.method,
-                                                      optimise=False)
+    deployment, regions, spec, problem, methods = prepare(job.model_a, job.model_b, job.regions, diff, s.method,
+                                                          False, s.arithmetic, s.arithmetic_b)
     lower, upper, scores = _staged_bounds(problem, spec, methods, regions, s.threshold)
     with torch.no_grad():
-        a, b = pair64.outputs(torch.stack([r.center for r in regions]).to(torch.float64))
-        at_center = diff(a, b)
+        a, b = deployment.pair.outputs(torch.stack([r.center for r in regions]).to(torch.float64))
+        at_center = torch.nan_to_num(diff(a, b), nan=float("inf"))
+    notes = unbounded_notes(problem, s.method, methods, spec)[:0 if methods else 1]
     classes = a.shape[1] > 1
     records = []
     for i, region in enumerate(regions):
         t0 = time.perf_counter()
         initial = (lower[i:i + 1], upper[i:i + 1], scores[i:i + 1])
-        record = _point(pair64, diff, problem, spec.take([i]), methods, region, initial,
+        record = _point(deployment, diff, problem, spec.take([i]), methods, region, initial,
                         at_center[i].item(), s)
+        record["notes"] = notes + record["notes"]
         record.update(index=job.indices[i], label_a=int(a[i].argmax()) if classes else None,
                       label_b=int(b[i].argmax()) if classes else None,
                       seconds=record["seconds"] + time.perf_counter() - t0)
@@ -196,7 +204,7 @@ def _staged_batch(problem, spec, methods, region, lo, hi, threshold, stacked=Fal
     return lower, upper, scores
 
 
-def _point(pair64, diff, problem, spec, methods, region, initial, at_center, s):
+def _point(deployment, diff, problem, spec, methods, region, initial, at_center, s):
     """One point: its single-pass bound, then search and branch-and-bound only if undecided."""
     t0 = time.perf_counter()
     bound = initial[2].item()
@@ -204,10 +212,10 @@ def _point(pair64, diff, problem, spec, methods, region, initial, at_center, s):
     if s.threshold is not None and bound <= s.threshold and at_center <= s.threshold:
         record.update(verdict=verdict_of(bound, at_center, s.threshold).value, seconds=time.perf_counter() - t0)
         return record
-    witness = search_pair(pair64, diff, region, steps=s.search_steps, restarts=s.search_restarts,
-                          seed=s.seed, threshold=s.threshold)
-    state = BranchAndBound(problem, spec, methods, region, pair64, diff, witness, initial)
-    if s.time_budget and region.norm != 2.0:
+    witness = search_pair(deployment.pair, diff, region, surrogate=deployment.surrogate, steps=s.search_steps,
+                          restarts=s.search_restarts, seed=s.seed, threshold=s.threshold)
+    state = BranchAndBound(problem, spec, methods, region, diff, witness, initial)
+    if s.time_budget and region.norm != 2.0 and methods:
         state.run(time.perf_counter() + s.time_budget, s.threshold, 0.05, False)
     cert = state.certificate("", s.threshold, s.seed, 0.0)
     verdict = cert.verdict.value if cert.verdict else None
@@ -235,6 +243,9 @@ def _read_checkpoint(path, header):
                         "drop --resume to start over")
     # a line cut short by a crash parses to nothing: that point runs again
     records = [_parsed(line) for line in lines[1:]]
+    for r in records:  # JSON has no inf: an unbounded point was written with a null bound
+        if "bound" in r and r["bound"] is None:
+            r["bound"] = float("inf")
     return {r["index"]: r for r in records if "index" in r}
 
 
@@ -251,7 +262,7 @@ def _start_checkpoint(path, header, done):
         return
     with open(path, "w") as handle:  # rewritten whole, so a torn last line is dropped
         for line in [header, *done.values()]:
-            handle.write(json.dumps(line) + "\n")
+            handle.write(json.dumps(json_safe(line), allow_nan=False) + "\n")
 
 
 def _append(path, records):
@@ -259,7 +270,7 @@ def _append(path, records):
         return
     with open(path, "a") as handle:
         for record in records:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         handle.flush()
 
 
@@ -271,7 +282,7 @@ def _overall(counts, total, threshold):
     return Verdict.VERIFIED if counts["verified"] == total else Verdict.UNKNOWN
 
 
-def _report(regions, records, labels, sources, settings, notes, seconds):
+def _report(regions, records, labels, sources, settings, notes, seconds, arithmetic):
     points = [records[i] for i in sorted(records)]
     if sources is not None:
         for p in points:
@@ -295,4 +306,4 @@ def _report(regions, records, labels, sources, settings, notes, seconds):
         agreement=(sum(p["label_a"] == p["label_b"] for p in points) / done
                    if done and points[0]["label_a"] is not None else None),
         input_shape=list(regions[0].shape), seconds=seconds, notes=notes,
-        provenance=provenance(settings.seed, torch_dtype="float64"))
+        provenance=provenance(settings.seed, torch_dtype="float64"), arithmetic=arithmetic)

@@ -57,7 +57,8 @@ def common_input_shape(model_a, model_b, region_shape=None):
 
 
 class Pair(nn.Module):
-    """Both models on one input; reshapes the input to each model's own layout."""
+    """Both models on one input, each as it runs (see `deployment.run_native`): the input reshaped
+    to the model's own layout and cast to its input dtype, outputs in float64."""
 
     def __init__(self, model_a, model_b, input_shape):
         super().__init__()
@@ -65,11 +66,21 @@ class Pair(nn.Module):
         self.input_shape = tuple(input_shape)
         self.shape_a = input_shape_of(model_a) or self.input_shape
         self.shape_b = input_shape_of(model_b) or self.input_shape
+        self._refresh()
+
+    def _refresh(self):
+        from .deployment import batch_dependent, input_dtype
+        self.runs = [(input_dtype(m), batch_dependent(m)) for m in (self.model_a, self.model_b)]
+
+    def _apply(self, fn, *args, **kwargs):  # .double(), .to(...): the input dtypes follow
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh()
+        return out
 
     def outputs(self, x):
         n = x.shape[0]
-        a = self.model_a(self._as(x, self.shape_a))
-        b = self.model_b(self._as(x, self.shape_b))
+        a = _run(self.model_a, self._as(x, self.shape_a), *self.runs[0])
+        b = _run(self.model_b, self._as(x, self.shape_b), *self.runs[1])
         if a.reshape(n, -1).shape != b.reshape(n, -1).shape:
             raise ShapeMismatchError(f"output shapes differ: model_a gives {list(a.shape[1:])}, "
                                      f"model_b gives {list(b.shape[1:])}; compare models with the same outputs")
@@ -83,6 +94,13 @@ class Pair(nn.Module):
         return self.outputs(x)
 
 
+def _run(model, x, dtype, rowwise):
+    # no cast node when none is needed, so the traced float64 graph stays minimal
+    x = x if x.dtype == dtype else x.to(dtype)
+    y = torch.cat([model(row) for row in x.split(1)]) if rowwise and len(x) > 1 else model(x)
+    return y if y.dtype == torch.float64 else y.double()
+
+
 class DifferenceGraph(nn.Module):
     """x -> per-output difference, written with ops auto_LiRPA bounds (softmax as exp / sum)."""
 
@@ -92,8 +110,8 @@ class DifferenceGraph(nn.Module):
             raise UnsupportedOperationError([kind], what="the composed graph")
         self.pair, self.kind = pair, kind
 
-    def forward(self, x):
-        a, b = self.pair.outputs(x)
+    def forward(self, *inputs):  # x, and the error terms when the pair is a `bounds.NoisyPair`
+        a, b = self.pair.outputs(*inputs)
         if self.kind == "stacked":
             return torch.cat([a, b], dim=1)
         if self.kind == "probability":
@@ -107,16 +125,12 @@ def _softmax(z):
     return e / e.sum(dim=1, keepdim=True)
 
 
-def _dtype_of(module):
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-
 def compose(model_a, model_b, region=None):
     """The `Pair` of two models, checked for matching input and output shapes."""
     shape = common_input_shape(model_a, model_b, None if region is None else region.shape)
     pair = Pair(model_a, model_b, shape).eval()
     with torch.no_grad():
-        probe = torch.zeros(1, *shape, dtype=_dtype_of(pair))
+        probe = torch.zeros(1, *shape, dtype=torch.float64)
         try:
             pair.outputs(probe)
         except RuntimeError as exc:

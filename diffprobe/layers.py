@@ -6,10 +6,10 @@ from torch import nn
 class Elementwise(nn.Module):
     """x * scale + shift with constant tensors (input/output normalisation, ONNX Sub/Mul/Div)."""
 
-    def __init__(self, scale, shift):
+    def __init__(self, scale, shift, dtype=torch.float32):
         super().__init__()
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
-        self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=dtype))
+        self.register_buffer("shift", torch.as_tensor(shift, dtype=dtype))
 
     def forward(self, x):
         return x * self.scale + self.shift

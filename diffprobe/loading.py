@@ -45,8 +45,10 @@ def sniff_format(path):
 
 
 def load_model(path, *, arch=None, arch_kwargs=None, trust=False, normalize=False):
-    """The nn.Module stored in `path`, in eval mode, float32, weights checked for NaN/inf.
+    """The nn.Module stored in `path`, in eval mode, weights checked for NaN/inf.
 
+    The module keeps the function stored: its parameters keep their dtype (an fp16 state_dict gives
+    an fp16 module, an NNet file's decimal weights float64), quantised modules stay quantised.
     `arch` ("pkg.module:factory" or "path/file.py:factory") builds the architecture for a
     state_dict or safetensors file; `normalize` applies an NNet file's input/output scaling.
     """
@@ -60,7 +62,6 @@ def load_model(path, *, arch=None, arch_kwargs=None, trust=False, normalize=Fals
         model = _load_pt2(path, trust)
     else:
         model = _load_weights(path, kind, arch, arch_kwargs, trust)
-    model = model.float()
     try:
         model.eval()
     except NotImplementedError:  # torch.export modules are already in inference form
@@ -71,7 +72,7 @@ def load_model(path, *, arch=None, arch_kwargs=None, trust=False, normalize=Fals
 
 def check_finite(model, name="model"):
     bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+           if t.is_floating_point() and type(t) in (torch.Tensor, nn.Parameter) and not bool(torch.isfinite(t).all())]
     if bad:
         raise CheckpointError(f"{name}: NaN or infinite values in {', '.join(bad)}; the checkpoint is corrupt")
 
@@ -153,12 +154,18 @@ def _state_dict_of(obj):
 
 
 def _load_state(model, state, path):
+    """Load `state` into `model` as stored: tensors are assigned, not copied into the architecture's
+    own (so an fp16 or float64 checkpoint keeps its dtype), and the non-tensor entries of quantised
+    modules (packed weights, dtypes) are passed on."""
     expected = set(model.state_dict())
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     for prefix in ("",) + _PREFIXES:
         stripped = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
         if set(stripped) == expected:
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in stripped.items()})
+            try:
+                model.load_state_dict(stripped, assign=True)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path} does not fit the architecture ({str(exc)[:300]}); check "
+                                      "--arch and its kwargs") from exc
             return
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     raise CheckpointError(

@@ -9,9 +9,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .differential import affine_chain
 from .errors import DiffprobeError, UnsupportedOperationError
 from .graph import compose, fit_region
+from .lowering import Declined, lower
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ class _Program:
 def _encode(program, chain, x_vars, lo, hi):
     """Add one network's layers on the input variables; returns its output variables."""
     h_vars, h_lo, h_hi = x_vars, lo, hi
-    for index, (w, b) in enumerate(chain):
-        w, b = w.numpy(), b.numpy()
+    for index, layer in enumerate(chain):
+        w, b = layer.weight.numpy(), layer.bias.numpy()
         center, radius = w @ ((h_lo + h_hi) / 2) + b, np.abs(w) @ ((h_hi - h_lo) / 2)
         z_lo, z_hi = center - radius, center + radius
         z_vars = program.variables(z_lo, z_hi)
@@ -75,16 +75,21 @@ def _encode(program, chain, x_vars, lo, hi):
 
 
 def exact_max(model_a, model_b, region, *, time_limit=60.0):
-    """The exact maximum over a box region of max_k |b_k(x) - a_k(x)| for two chains of affine layers and ReLUs."""
+    """The exact maximum over a box region of max_k |b_k(x) - a_k(x)| for two chains of affine layers
+    and ReLUs, in exact arithmetic on their stored weights."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
     if region.norm != float("inf"):
         raise UnsupportedOperationError(["an L2 ball"], what="the MILP oracle", hint="give a box or L-inf ball")
     pair = compose(model_a, model_b, region)
     region = fit_region(region, pair.input_shape)
-    chains = [affine_chain(m, pair.input_shape) for m in (pair.model_a, pair.model_b)]
-    if any(c is None for c in chains):
-        raise UnsupportedOperationError(["a model that is not an affine/ReLU chain"], what="the MILP oracle",
+    try:
+        chains = [lower(m, pair.input_shape, exact=True).layers() for m in (pair.model_a, pair.model_b)]
+    except Declined as why:
+        chains = [None, str(why)]
+    if any(c is None or isinstance(c, str) for c in chains):
+        raise UnsupportedOperationError([chains[1] if isinstance(chains[1], str) else "a model that is not an "
+                                         "affine/ReLU chain"], what="the MILP oracle",
                                         hint="it encodes chains of Linear/Conv/BatchNorm/AvgPool layers and ReLUs only")
     lo, hi = (t.reshape(-1).double().numpy() for t in region.bounding_box())
     program = _Program()

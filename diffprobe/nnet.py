@@ -33,7 +33,7 @@ def read_nnet(path, *, normalize=False):
         count = fan_in * fan_out + fan_out
         if offset + count > values.size:
             raise CheckpointError(f"{path}: file ends inside layer {k + 1}; it is truncated")
-        linear = nn.Linear(fan_in, fan_out)
+        linear = nn.Linear(fan_in, fan_out, dtype=torch.float64)  # decimal text: float64 keeps it
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(values[offset:offset + fan_in * fan_out].reshape(fan_out, fan_in)))
             linear.bias.copy_(torch.from_numpy(values[offset + fan_in * fan_out:offset + count]))
@@ -42,5 +42,6 @@ def read_nnet(path, *, normalize=False):
     if normalize:
         # a range of 0 is a placeholder in some files (ReluDiff's toys): it means no scaling
         mean, rng = np.array(means[:n_in]), np.array([r or 1.0 for r in ranges[:n_in]])
-        layers = [Elementwise(1 / rng, -mean / rng)] + layers + [Elementwise(ranges[-1] or 1.0, means[-1])]
+        layers = ([Elementwise(1 / rng, -mean / rng, dtype=torch.float64)] + layers
+                  + [Elementwise(ranges[-1] or 1.0, means[-1], dtype=torch.float64)])
     return Network(layers, (n_in,))

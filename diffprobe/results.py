@@ -2,6 +2,7 @@
 method and a JSON round trip. The library computes; it never prints, shows or saves."""
 import enum
 import html
+import math
 import json
 import platform
 from dataclasses import asdict, dataclass, field, fields
@@ -29,13 +30,22 @@ class _Result:
         return asdict(self)
 
     def to_json(self, **kwargs):
-        return json.dumps(self.to_dict(), default=_jsonable, **kwargs)
+        """Strict JSON: an infinite or NaN number (an unbounded bound) is written as null."""
+        return json.dumps(json_safe(self.to_dict()), default=_jsonable, allow_nan=False, **kwargs)
 
     @classmethod
     def from_json(cls, text):
         data = json.loads(text)
         names = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in names}
+        for key, value in _UNBOUNDED.items():  # null bounds were unbounded ones
+            if key in data and data[key] is None:
+                data[key] = value
+            elif key in data and isinstance(data[key], list):
+                data[key] = [value if v is None else v for v in data[key]]
+        for point in data.get("points") or []:
+            if isinstance(point, dict) and point.get("bound", 0) is None:
+                point["bound"] = float("inf")
         if "verdict" in data and data["verdict"] is not None:
             data["verdict"] = Verdict(data["verdict"])
         return cls(**data)
@@ -56,6 +66,20 @@ class _Result:
             return table
         return (f"<div style='display:flex;gap:1em;align-items:flex-start'>{table}"
                 f"<img src='data:image/png;base64,{png}'/></div>")
+
+
+_UNBOUNDED = {"bound": float("inf"), "upper": float("inf"), "lower": float("-inf")}
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float replaced by None (JSON has no inf or NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj):
@@ -83,6 +107,7 @@ class SearchResult(_Result):
     region: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    arithmetic: dict = field(default_factory=dict)  # model_a / model_b: what the models ran in
 
     def __repr__(self):
         return (f"SearchResult({self.difference}: found {self.found:.4g} after "
@@ -133,6 +158,7 @@ class Certificate(_Result):
     region: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    arithmetic: dict = field(default_factory=dict)  # model_a / model_b: what the bound covers
 
     def __repr__(self):
         verdict = f", {self.verdict.value}" if self.verdict else ""
@@ -143,7 +169,7 @@ class Certificate(_Result):
         return [("difference", self.difference), ("method", self.method), ("bound", f"{self.bound:.6g}"),
                 ("found", f"{self.found:.6g}"), ("gap ratio", f"{self.gap_ratio:.4g}"),
                 ("verdict", self.verdict.value if self.verdict else "-"), ("branches", self.branches),
-                ("seconds", f"{self.seconds:.2f}")]
+                ("arithmetic", _arithmetic(self.arithmetic)), ("seconds", f"{self.seconds:.2f}")]
 
     def _figure(self):
         from .figures import interval_png, thumbnail
@@ -191,6 +217,7 @@ class DriftReport(_Result):
     seconds: float
     notes: list = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
+    arithmetic: dict = field(default_factory=dict)  # model_a / model_b: what the bounds cover
 
     def __repr__(self):
         c = self.counts
@@ -210,7 +237,8 @@ class DriftReport(_Result):
                 ("verdict", self.verdict.value if self.verdict else "-"),
                 ("worst bound", _g(self.bound)), ("worst found", _g(self.found)),
                 ("accuracy a / b", f"{_g(self.accuracy_a)} / {_g(self.accuracy_b)}"),
-                ("top-1 agreement", _g(self.agreement)), ("seconds", f"{self.seconds:.1f}")]
+                ("top-1 agreement", _g(self.agreement)), ("arithmetic", _arithmetic(self.arithmetic)),
+                ("seconds", f"{self.seconds:.1f}")]
 
     def _repr_html_(self):
         from .figures import thumbnail
@@ -236,6 +264,12 @@ class DriftReport(_Result):
 
 def _g(v):
     return "-" if v is None else f"{v:.4g}"
+
+
+def _arithmetic(labels):
+    """'fp32 / fp16' (model_a / model_b), or one word when both ran in the same arithmetic."""
+    a, b = labels.get("model_a", "-"), labels.get("model_b", "-")
+    return a if a == b else f"{a} / {b}"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ halving, restarting from the best point; exact projection onto the region (ball 
 Restarts run batched. A gradient-free random search takes over when the gradients are zero or
 the ascent gains nothing in its first tenth of the steps.
 """
-import copy
+import dataclasses
 import time
 import warnings
 
@@ -17,7 +17,8 @@ from .data import as_points
 from .differences import Difference, get_difference
 from .objectives import Objective, as_objective
 from .errors import DataError, RegionError
-from .graph import compose, fit_region
+from .deployment import deploy
+from .graph import fit_region
 from .progress import progress_bar
 from .results import SearchResult, provenance
 
@@ -55,21 +56,23 @@ def starting_points(region, n, generator, starts=None):
 
 
 class _Evaluator:
-    """Disagreement of a batch, counting every point evaluated.
+    """Disagreement of a batch on the models as they run, counting every point evaluated; gradients
+    go through `surrogate` (the exact float64 pair; None: no gradients, the gradient-free search
+    does the work), values always through `pair`.
 
     For max-|.| summaries each restart may ascend one signed output (`target`), a smooth piece
     of the non-smooth maximum; the value tracked is always the full difference.
     """
 
-    def __init__(self, pair, difference):
-        self.pair, self.count, self.target = pair, 0, None
+    def __init__(self, pair, difference, surrogate=None):
+        self.pair, self.surrogate, self.count, self.target = pair, surrogate, 0, None
         # a plain difference may be targeted output by output; a combined objective is taken whole
         self.difference = difference if isinstance(difference, Difference) else None
         self.objective = as_objective(difference)
 
     def __call__(self, x):
         self.count += x.shape[0]
-        return self.objective(*self.pair.outputs(x), x)
+        return _nan_is_worst(self.objective(*self.pair.outputs(x), x))
 
     def aim(self, x):
         """Fix each restart's target. Even restarts ascend one signed output: the one with the
@@ -95,16 +98,22 @@ class _Evaluator:
     def value_and_grad(self, x):
         x = x.detach().requires_grad_(True)
         self.count += x.shape[0]
+        if self.surrogate is None:
+            with torch.no_grad():
+                return _nan_is_worst(self.objective(*self.pair.outputs(x), x)), torch.zeros_like(x)
         if self.target is None:
-            values = objective = self.objective(*self.pair.outputs(x), x)
+            values = objective = self.objective(*self.surrogate.outputs(x), x)
         else:
-            per_output = self.difference.per_output(*self.pair.outputs(x))
+            per_output = self.difference.per_output(*self.surrogate.outputs(x))
             values = self.difference.reduce(per_output)
             k, sign = self.target
             objective = torch.where(sign != 0, per_output.gather(1, k[:, None]).squeeze(1) * sign, values)
         grad, = torch.autograd.grad(objective.sum(), x)
+        if self.surrogate is not self.pair:  # the value is what the deployed models give
+            with torch.no_grad():
+                values = self.objective(*self.pair.outputs(x), x)
         # a NaN gradient (a user objective's 0/0) would freeze every step; treat it as flat
-        return values.detach(), torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        return _nan_is_worst(values.detach()), torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
 
     def near_boundary(self, region, points, keep):
         """The `keep` data points inside the region closest to a decision boundary: the smallest
@@ -138,6 +147,11 @@ class _Evaluator:
             return region.center.unsqueeze(0)[:0].to(torch.float64)
         points, values = torch.cat(points), torch.cat(values)
         return points[values.argsort(descending=True)[:keep]]
+
+
+def _nan_is_worst(values):
+    """A deployed model that outputs NaN (an overflow) disagrees without bound there."""
+    return torch.nan_to_num(values, nan=float("inf"))
 
 
 def _top1_margin(outputs):
@@ -262,7 +276,8 @@ def _random_search(evaluate, region, best_x, best, budget, generator, threshold=
 
 
 def search(model_a, model_b, region, *, difference="elementwise", steps=100, restarts=8, seed=0,
-           threshold=None, starts=None, data=None, random_fraction=0.1, screen_fraction=0.2, progress=False):
+           threshold=None, starts=None, data=None, random_fraction=0.1, screen_fraction=0.2,
+           arithmetic="native", arithmetic_b=None, progress=False):
     """The input in `region` where model_a and model_b disagree most (by `difference`: a registered
     name, a `Difference`, or an `Objective` such as `flip(3, 8) - 0.1 * tv()`).
 
@@ -272,15 +287,19 @@ def search(model_a, model_b, region, *, difference="elementwise", steps=100, res
     inside the region nearest a decision boundary (smallest top-1 margin of either model);
     `screen_fraction` of the budget screens random points for good starts and `random_fraction`
     goes to a gradient-free search afterwards, which also takes what the gradient ascent leaves
-    when it gains nothing (zero or uninformative gradients).
+    when it gains nothing (zero or uninformative gradients). The models are evaluated as they run
+    under `arithmetic` (see `diffprobe.deployment`; default: as loaded, an fp16 module in fp16),
+    so the witness is an input on which the deployed models differ by `found`.
     """
     if steps < 1 or restarts < 1:
         raise RegionError(f"steps and restarts must be >= 1 (got {steps}, {restarts})")
-    pair = compose(model_a, model_b, region)
-    result = search_pair(copy.deepcopy(pair).double(), objective_of(difference),
-                         fit_region(region, pair.input_shape), steps=steps, restarts=restarts, seed=seed,
-                         threshold=threshold, starts=starts, data=_data_points(data),
-                         random_fraction=random_fraction, screen_fraction=screen_fraction, progress=progress)
+    deployment = deploy(model_a, model_b, [region], arithmetic, arithmetic_b)
+    result = search_pair(deployment.pair, objective_of(difference),
+                         fit_region(region, deployment.pair.input_shape), surrogate=deployment.surrogate,
+                         steps=steps, restarts=restarts, seed=seed, threshold=threshold, starts=starts,
+                         data=_data_points(data), random_fraction=random_fraction,
+                         screen_fraction=screen_fraction, progress=progress)
+    result = dataclasses.replace(result, arithmetic=deployment.arithmetic)
     warn_masking(result.warnings)
     return result
 
@@ -310,11 +329,12 @@ def objective_of(difference):
     return difference if isinstance(difference, (Difference, Objective)) else get_difference(difference)
 
 
-def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, starts=None, data=None,
-                random_fraction=0.1, screen_fraction=0.2, progress=False):
-    """`search` on an already composed float64 pair and a region in its input shape."""
+def search_pair(pair, diff, region, *, steps, restarts, seed, surrogate=None, threshold=None, starts=None,
+                data=None, random_fraction=0.1, screen_fraction=0.2, progress=False):
+    """`search` on an already composed pair (evaluated as it runs; gradients through `surrogate`)
+    and a region in its input shape."""
     t0 = time.perf_counter()
-    evaluate = _Evaluator(pair64, diff)
+    evaluate = _Evaluator(pair, diff, surrogate)
     generator = torch.Generator().manual_seed(seed)
     screened = evaluate.screen(region, int(screen_fraction * steps * restarts), 4 * restarts, generator)
     # the best screened points start half the restarts; the next ones wait to reseed converged restarts
@@ -348,19 +368,24 @@ def search_pair(pair64, diff, region, *, steps, restarts, seed, threshold=None, 
         except KeyboardInterrupt:
             notes.append("interrupted before the search finished: the best starting point is reported")
             best_x, best = x0, torch.full((x0.shape[0],), float("-inf"), dtype=torch.float64)
-    return witness_result(pair64, diff, region, best_x[best.argmax()], evaluate.count, seed,
+    return witness_result(pair, diff, region, best_x[best.argmax()], evaluate.count, seed,
                           trace, time.perf_counter() - t0, notes)
 
 
-def witness_result(pair64, diff, region, x, count, seed, trace, seconds, notes):
-    """Re-check the witness on the real models (float64) inside the region."""
+def witness_result(pair, diff, region, x, count, seed, trace, seconds, notes):
+    """Re-check the witness on the models as they run, inside the region."""
     x = region.project(x.detach().to(torch.float64).unsqueeze(0))
     assert bool(region.contains(x, tol=0)), "projection left the region"
     with torch.no_grad():
-        a, b = pair64.outputs(x)
-        found = as_objective(diff)(a, b, x).item()
+        a, b = pair.outputs(x)
+        found = _nan_is_worst(as_objective(diff)(a, b, x)).item()
     return SearchResult(
         difference=diff.name, found=found, x=x.reshape(-1).tolist(), input_shape=list(region.shape),
         output_a=a.reshape(-1).tolist(), output_b=b.reshape(-1).tolist(), evaluations=count,
         seed=seed, trace=trace, seconds=seconds, region=region.to_dict(), warnings=notes,
-        provenance=provenance(seed))
+        provenance=provenance(seed), arithmetic=_arithmetic_of(pair))
+
+
+def _arithmetic_of(pair):
+    from .deployment import describe
+    return {"model_a": describe(pair.model_a, "native"), "model_b": describe(pair.model_b, "native")}

@@ -12,8 +12,8 @@ def test_elementwise_of_a_shifted_copy_is_exactly_c(c):
     pair = compose(a, b)
     out_a, out_b = pair.outputs(torch.rand(20, 4))
     diff = get_difference("elementwise")
-    assert torch.allclose(diff.per_output(out_a, out_b), torch.full((20, 3), c), atol=1e-6)
-    assert torch.allclose(diff(out_a, out_b), torch.full((20,), abs(c)), atol=1e-6)
+    assert torch.allclose(diff.per_output(out_a, out_b), torch.full((20, 3), c, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(diff(out_a, out_b), torch.full((20,), abs(c), dtype=torch.float64), atol=1e-6)
     # a constant shift of every logit leaves the softmax unchanged
     for name in ("probability", "kl", "js"):
         assert get_difference(name)(out_a, out_b).abs().max() < 1e-6

@@ -7,9 +7,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 from diffprobe import Box, LinfBall, UnsupportedOperationError, certify, load_model
-from diffprobe.differential import DifferentialBounds, affine_chain, matching_chains
-from diffprobe.graph import compose
+from diffprobe.deployment import deploy
+from diffprobe.differential import DifferentialBounds, matching_layers
 from diffprobe.layers import Elementwise, Network
+from diffprobe.lowering import Declined, lower
 from diffprobe.pruning import pruned_copy
 from conftest import mlp, shared, examples
 
@@ -24,8 +25,22 @@ def perturbed(model, scale, seed, bias_only=False):
     return other
 
 
-def engine_bounds(a, b, lo, hi):
-    return DifferentialBounds(matching_chains(compose(a, b))).bounds(lo, hi)
+def engine_bounds(a, b, lo, hi, arithmetic="exact"):
+    chains = deploy(a, b, [Box(lo[0], hi[0]).reshape(input_shape(a))], arithmetic).chains
+    return DifferentialBounds(matching_layers(*chains)).bounds(lo, hi)
+
+
+def input_shape(model):
+    return getattr(model, "input_shape", None) or (model[0].in_features,)
+
+
+def affine_chain(model, shape):
+    """The exact lowered layers as (W, b) pairs, or None when the model is not an affine/ReLU chain."""
+    try:
+        layers = lower(model, shape, exact=True).layers()
+    except Declined:
+        return None
+    return None if layers is None else [(layer.weight, layer.bias) for layer in layers]
 
 
 def assert_contains_samples(a, b, box, lower, upper, gen, n=500, shape=None):
@@ -74,7 +89,7 @@ def test_structure_detection_and_fallback_note():
                                  nn.Linear(4, 2), Elementwise(0.5, 0.0)], (3,)), (3,)) is not None
     assert affine_chain(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), (3,)) is None
     a, b = mlp([3, 5, 2], 0), mlp([3, 5, 5, 2], 1)
-    assert matching_chains(compose(a, b)) is None
+    assert matching_layers(*deploy(a, b, [LinfBall(torch.zeros(3), 0.1)]).chains) is None
     with pytest.raises(UnsupportedOperationError, match="do not match"):
         certify(a, b, LinfBall(torch.zeros(3), 0.1), method="differential")
     fallback = certify(a, b, LinfBall(torch.zeros(3), 0.1))

@@ -8,13 +8,14 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from diffprobe import DataError, DriftReport, LinfBall, RegionError, Verdict, certify, drift, get_difference
-from diffprobe.graph import compose
+from diffprobe.deployment import deploy
 from conftest import examples, mlp, shifted
 
 
 def _sound(report, model_a, model_b, regions, difference="elementwise", n=500):
-    """Every point's bound holds on samples of its region and is at least its witness value."""
-    pair = compose(model_a, model_b).double()
+    """Every point's bound holds on samples of its region (the models as they run) and is at least
+    its witness value."""
+    pair = deploy(model_a, model_b, regions).pair
     diff = get_difference(difference)
     for p in report.points:
         region = regions[p["index"]]
@@ -55,9 +56,11 @@ def test_verdicts_counts_and_agreement_on_a_shifted_copy():
     b = shifted(a, 0.2)  # every output moves by exactly 0.2 everywhere
     points = torch.rand(10, 5, dtype=torch.float64)
     labels = torch.tensor([int(a(p.float().unsqueeze(0)).argmax()) for p in points])
-    ok = drift(a, b, points, eps=0.1, threshold=0.25, labels=labels)
+    ok = drift(a, b, points, eps=0.1, threshold=0.25, labels=labels, arithmetic="exact")
     assert ok.verdict == Verdict.VERIFIED and ok.counts == {"verified": 10, "falsified": 0, "unknown": 0}
     assert ok.bound == pytest.approx(0.2, abs=1e-6) and ok.accuracy_a == 1.0 and ok.agreement == 1.0
+    deployed = drift(a, b, points, eps=0.1, threshold=0.25)  # fp32 rounding: a little above 0.2
+    assert deployed.verdict == Verdict.VERIFIED and 0.2 <= deployed.bound < 0.2 + 1e-4
     bad = drift(a, b, points, eps=0.1, threshold=0.15)
     assert bad.verdict == Verdict.FALSIFIED and bad.counts["falsified"] == 10
     assert all(p["found"] == pytest.approx(0.2, abs=1e-6) for p in bad.points)

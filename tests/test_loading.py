@@ -31,7 +31,8 @@ def test_shared_networks_load_and_match_the_onnx_reference(rel, fmt, shape):
     assert sniff_format(path) == fmt
     model = load_model(path)
     assert model.input_shape == shape
-    x = torch.rand(3, *shape)
+    assert next(model.parameters()).dtype == (torch.float64 if fmt == "nnet" else torch.float32)  # as stored
+    x = torch.rand(3, *shape, dtype=next(model.parameters()).dtype)
     out = model(x)
     assert torch.isfinite(out).all()
     if fmt == "onnx":
@@ -50,24 +51,24 @@ def test_acas_onnx_and_nnet_agree():
     onnx_model = load_model(shared("acasxu/ACASXU_run2a_1_1_batch_2000.onnx"))
     nnet_model = load_model(shared("acasxu/ACASXU_run2a_1_1_batch_2000.nnet"))
     x = torch.rand(500, 5, generator=torch.Generator().manual_seed(0)) - 0.5
-    diff = (onnx_model(x.reshape(500, 1, 1, 5)) - nnet_model(x)).abs().max()
+    diff = (onnx_model(x.reshape(500, 1, 1, 5)) - nnet_model(x.double())).abs().max()
     assert diff < 1e-5
 
 
 def test_toy_nnet_weights_and_normalisation():
     path = shared("toy/b2layer_unquantized.nnet")
-    model = load_model(path)
-    assert torch.equal(model[0].weight, torch.tensor([[1.9, -2.1], [1.1, 1.0]]))
-    x = torch.tensor([[0.3, -0.2]])
+    model = load_model(path)  # decimal text: read into float64, exactly as written
+    assert torch.equal(model[0].weight, torch.tensor([[1.9, -2.1], [1.1, 1.0]], dtype=torch.float64))
+    x = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
     h = torch.relu(model[0].weight @ x[0])
-    h = torch.relu(torch.tensor([[2.1, -1.0], [-0.9, 1.1]]) @ h)
-    assert torch.allclose(model(x)[0], torch.tensor([[1.0, -1.0]]) @ h)
+    h = torch.relu(torch.tensor([[2.1, -1.0], [-0.9, 1.1]], dtype=torch.float64) @ h)
+    assert torch.allclose(model(x)[0], torch.tensor([[1.0, -1.0]], dtype=torch.float64) @ h)
     raw = load_model(path, normalize=True)  # inputs: mean 5, range 10; outputs: mean 0, range 0 (none)
     assert torch.allclose(raw(x * 10 + 5), model(x), atol=1e-5)
     acas, acas_raw = (load_model(shared("acasxu/ACASXU_run2a_1_1_batch_2000.nnet"), normalize=n) for n in (False, True))
-    mean = torch.tensor([19791.091, 0.0, 0.0, 650.0, 600.0])
-    rng = torch.tensor([60261.0, 6.28318530718, 6.28318530718, 1100.0, 1200.0])
-    z = torch.rand(4, 5) - 0.5
+    mean = torch.tensor([19791.091, 0.0, 0.0, 650.0, 600.0], dtype=torch.float64)
+    rng = torch.tensor([60261.0, 6.28318530718, 6.28318530718, 1100.0, 1200.0], dtype=torch.float64)
+    z = torch.rand(4, 5, dtype=torch.float64) - 0.5
     assert torch.allclose(acas_raw(z * rng + mean), acas(z) * 373.94992 + 7.5188840201005975, rtol=1e-4, atol=1e-3)
 
 

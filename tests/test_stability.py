@@ -109,8 +109,10 @@ def test_abc_optimisers_reproduce_the_example():
     # A and B differ only in initialisation: similar capability, different final loss (basin)
     assert abs(a["capability"] - b["capability"]) < 0.1 * a["capability"]
     assert a["losses"][-1] != b["losses"][-1]
-    # C keeps its constant step: it ends far from the minimum A converges to
-    assert c["losses"][-1] > 5 * a["losses"][-1] and c["grad_norms"][-1] > a["grad_norms"][-1]
+    # C keeps its constant step: it orbits far from the minimum A converges to. The orbit is chaotic
+    # (its last gradient norm depends on floating-point details), so only its level is asserted:
+    # every one of its last five losses stays above five times A's final loss
+    assert min(c["losses"][-5:]) > 5 * a["losses"][-1]
     assert set(a["robustness"]) == {"init"} and dp.CapabilityStudy.from_json(study.to_json()) == study
 
 

@@ -1,0 +1,167 @@
+"""The models as they run: which arithmetic each one executes in, how to evaluate it that way,
+its exact float64 stand-in for gradients, and its lowered chain for the bound methods.
+
+`arithmetic` names what a certificate covers, per model:
+  native  each model as loaded: an fp16 module in fp16, a torch.ao / torchao int8 module as torch
+          runs it, a float64 NNet in fp64 (the default);
+  exact   the stored weights in exact real arithmetic (what ReluDiff, NeuroDiff and VeryDiff
+          certify; no rounding at all);
+  fp64 / fp32 / fp16 / bf16   a float model cast to that format first (`model.half()` for fp16).
+"""
+import copy
+import torch
+
+from .errors import DiffprobeError
+
+ARITHMETICS = ("native", "exact", "fp64", "fp32", "fp16", "bf16")
+_CAST = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_arithmetic(name):
+    if name not in ARITHMETICS:
+        raise DiffprobeError(f"unknown arithmetic '{name}'; choose one of {', '.join(ARITHMETICS)}")
+    return name
+
+
+def deployed(model, arithmetic):
+    """The module as it runs under `arithmetic`: itself for 'native' and 'exact', a copy cast to the
+    format for 'fp64'/'fp32'/'fp16'/'bf16'. Quantised modules keep their own arithmetic."""
+    check_arithmetic(arithmetic)
+    if arithmetic in ("native", "exact"):
+        return model
+    if is_quantized(model):
+        raise DiffprobeError(f"a quantised model runs in its own int8 arithmetic; certify it with "
+                             f"arithmetic 'native' (or 'exact'), not '{arithmetic}'")
+    return copy.deepcopy(model).to(_CAST[arithmetic])
+
+
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized",
+                      "torch.ao.nn.qat", "torch.ao.nn.intrinsic.qat", "torch.ao.quantization")
+
+
+def is_quantized(model):
+    """True when `model` holds quantised or fake-quantised modules, or quantised tensors (torchao)."""
+    if any(type(m).__module__.startswith(_QUANTIZED_MODULES) for m in model.modules()):
+        return True
+    return any(_quantized_tensor(t) for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _quantized_tensor(t):
+    return t.is_quantized or type(t) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def _float_tensors(model):
+    return [t for t in list(model.parameters()) + list(model.buffers())
+            if t.is_floating_point() and not _quantized_tensor(t)]
+
+
+def input_dtype(model):
+    """The dtype a model's input is cast to when it runs: its first floating parameter's (fp16 for a
+    `model.half()`); float32 for quantised and parameter-free models."""
+    if is_quantized(model):
+        return torch.float32
+    tensors = _float_tensors(model)
+    return tensors[0].dtype if tensors else torch.float32
+
+
+def batch_dependent(model):
+    """True when one row's output depends on the other rows of the batch: activations quantised
+    with one dynamic scale per batch tensor (torch.ao dynamic quantisation, torchao per-tensor)."""
+    for m in model.modules():
+        if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+            return True
+    for t in model.parameters():
+        kwargs = getattr(t, "act_quant_kwargs", None)
+        if kwargs is not None and type(getattr(kwargs, "granularity", None)).__name__ == "PerTensor":
+            return True
+    return False
+
+
+def describe(model, arithmetic):
+    """What a certificate under `arithmetic` covers for this model: 'exact', a float format
+    ('fp16', ...), or 'int8' plus the format of the float parts ('int8+fp32')."""
+    from .arithmetic import format_of
+    if arithmetic == "exact":
+        return "exact"
+    model = deployed(model, arithmetic)
+    tensors = _float_tensors(model)
+    dtype = tensors[0].dtype if tensors else torch.float32
+    return ("int8+" if is_quantized(model) else "") + format_of(dtype).name
+
+
+def run_native(model, x):
+    """`model` on float64 inputs as it runs: x cast to its input dtype, one row at a time when its
+    rows depend on each other, the output in float64."""
+    from .graph import _run
+    return _run(model, x, input_dtype(model), batch_dependent(model))
+
+
+class Deployment:
+    """Two models as they run under the chosen arithmetic: `pair` evaluates the deployed modules,
+    `surrogate` (float64, None when no float form exists) is what gradients go through, `chains`
+    the lowered chains (None where a model cannot be lowered; `notes` say why), lowered on first use."""
+
+    def __init__(self, models, names, pair, points):
+        self.models, self.names, self.points = models, names, points
+        self.exact = names[0] == "exact"
+        self.arithmetic = {k: describe(m, a) for k, m, a in zip(("model_a", "model_b"), models, names)}
+        self.notes, self._chains, self._surrogate = [], None, None
+        self.pair = self.surrogate if self.exact else pair
+        if self.pair is None:
+            raise DiffprobeError("a quantised model without a lowered chain has no exact arithmetic to "
+                                 f"evaluate ({'; '.join(self.notes)}); use arithmetic 'native'")
+
+    @property
+    def chains(self):
+        from .lowering import Declined, lower
+        if self._chains is None:
+            chains = []
+            for label, model in zip(("model_a", "model_b"), self.models):
+                try:
+                    chain = lower(model, self.points.shape[1:], exact=self.exact)
+                    if not self.exact:
+                        chain.check(model, self.points)
+                    chains.append(chain)
+                except Declined as why:
+                    chains.append(None)
+                    self.notes.append(f"{label} is not lowered to a chain: {why}")
+            self._chains = tuple(chains)
+        return self._chains
+
+    @property
+    def surrogate(self):
+        from .graph import Pair
+        if self._surrogate is None:
+            models = [m if not is_quantized(m) else c for m, c in
+                      zip(self.models, self.chains if any(map(is_quantized, self.models)) else (None, None))]
+            # copied together, so modules the two models share stay shared (one traced node)
+            surrogates = [_surrogate(m) for m in copy.deepcopy(models)]
+            self._surrogate = False if None in surrogates else Pair(*surrogates, self.points.shape[1:]).eval()
+        return self._surrogate or None
+
+    @property
+    def native_bounds(self):
+        """Whether the deployed arithmetic can be bounded: exact, or both models lowered."""
+        return self.exact or all(c is not None for c in self.chains)
+
+
+def deploy(model_a, model_b, regions, arithmetic="native", arithmetic_b=None):
+    """The `Deployment` of two models under `arithmetic` (for model_b `arithmetic_b` when it
+    differs) over `regions` (their centres check each lowered chain against its module)."""
+    from .graph import compose
+    names = (check_arithmetic(arithmetic), check_arithmetic(arithmetic_b or arithmetic))
+    if "exact" in names and names[0] != names[1]:
+        raise DiffprobeError("arithmetic 'exact' applies to both models or neither")
+    models = [deployed(m, a) for m, a in zip((model_a, model_b), names)]
+    pair = compose(*models, regions[0])
+    points = torch.stack([r.center.reshape(pair.input_shape) for r in regions[:4]]).double()
+    return Deployment(models, names, pair, points)
+
+
+def _surrogate(model):
+    """The model's exact function in float64 with autograd, from a copy of a float model or the
+    lowered chain of a quantised one (None without a chain)."""
+    from .lowering import Chain
+    if model is None:
+        return None
+    return model.module() if isinstance(model, Chain) else model.double()
