@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .deployment import is_quantized
 from .differential import ChainBounds, DifferentialBounds, matching_layers
 from .errors import UnsupportedOperationError
 from .graph import DifferenceGraph
@@ -47,6 +48,7 @@ class Problem:
     spec: torch.Tensor  # [rows, outputs] or [boxes, rows, outputs]; None: the outputs themselves
     deployment: object
     noisy: object = None  # the NoisyPair under the graph in deployed arithmetic
+    margin: object = None  # a RoundingMargin widening the exact graph's bounds (deployed, not lowered)
     why_unbounded: str = ""  # why `graph` is None
     dtype: torch.dtype = torch.float64
     traced: object = None
@@ -132,19 +134,54 @@ class NoisyPair(nn.Module):
         return torch.cat([self.model_a.radii(lo, hi), self.model_b.radii(lo, hi)], 1)
 
 
+class RoundingMargin:
+    """How far each deployed float model's outputs can be from its exact formula over boxes
+    (`roundoff.output_errors`), as a widening of each spec row of the exact difference."""
+
+    def __init__(self, pair, kind):
+        self.pair, self.kind = pair, kind
+
+    def rows(self, lo, hi, spec):
+        from .lowering import Declined
+        from .roundoff import output_errors
+        n = len(lo)
+        try:
+            errors = [output_errors(m, lo.reshape(n, *shape), hi.reshape(n, *shape))
+                      for m, shape in ((self.pair.model_a, self.pair.shape_a), (self.pair.model_b, self.pair.shape_b))]
+        except Declined as why:
+            raise UnsupportedOperationError([str(why)], what="bounding the rounding of the deployed arithmetic",
+                                            hint="use arithmetic 'exact' for a bound on the stored weights in "
+                                                 "exact arithmetic") from None
+        if self.kind == "stacked":
+            margin = torch.cat(errors, 1)
+        elif self.kind == "probability":  # softmax moves each probability by at most half the largest logit error
+            margin = 0.5 * sum(e.amax(1, keepdim=True) for e in errors).expand_as(errors[0])
+        else:
+            margin = errors[0] + errors[1]
+        if spec is None:
+            return margin
+        spec = spec.to(margin.dtype).abs()
+        spec = spec.expand(n, *spec.shape[-2:]) if spec.dim() == 2 or len(spec) == 1 else spec
+        return torch.bmm(spec, margin.unsqueeze(-1)).squeeze(-1)
+
+
 def build_problem(deployment, kind, spec=None):
     """The problem of bounding `kind` ('elementwise', 'probability' or 'stacked') between the
-    deployed models: over their exact float64 pair, or their lowered chains with error terms."""
+    deployed models: over their exact float64 pair (exact arithmetic; or deployed float models that
+    are not chains, widened by a `RoundingMargin`), or their lowered chains with error terms."""
+    exact_graph = lambda: DifferenceGraph(deployment.surrogate, kind).double().eval()
     if deployment.exact:
-        return Problem(DifferenceGraph(deployment.surrogate, kind).double().eval(), spec, deployment)
-    if not deployment.native_bounds:
-        why = "; ".join(deployment.notes) or "a model is not lowered"
+        return Problem(exact_graph(), spec, deployment)
+    why = "; ".join(deployment.notes) or "a model is not lowered"
+    if deployment.native_bounds:
+        try:
+            noisy = NoisyPair(*deployment.chains, deployment.pair.input_shape)
+            return Problem(DifferenceGraph(noisy, kind).eval(), spec, deployment, noisy=noisy)
+        except UnsupportedOperationError as exc:
+            why = str(exc)
+    if deployment.surrogate is None or any(map(is_quantized, deployment.models)):
         return Problem(None, spec, deployment, why_unbounded=why)
-    try:
-        noisy = NoisyPair(*deployment.chains, deployment.pair.input_shape)
-    except UnsupportedOperationError as exc:
-        return Problem(None, spec, deployment, why_unbounded=str(exc))
-    return Problem(DifferenceGraph(noisy, kind).eval(), spec, deployment, noisy=noisy)
+    return Problem(exact_graph(), spec, deployment, margin=RoundingMargin(deployment.pair, kind))
 
 
 class _UnsupportedCollector(logging.Handler):
@@ -180,9 +217,9 @@ def _bounded_module(graph, inputs, dtype=torch.float64):
         try:
             module = lirpa.BoundedModule(graph, inputs if len(inputs) > 1 else inputs[0],
                                          bound_opts=BOUND_OPTS, verbose=False)
-        except NotImplementedError as exc:
+        except Exception as exc:  # auto_LiRPA fails in many ways on graphs it cannot handle
             raise UnsupportedOperationError(
-                collector.ops or [str(exc)], what="auto_LiRPA",
+                collector.ops or [f"{type(exc).__name__}: {str(exc)[:200]}"], what="auto_LiRPA",
                 hint="replace these layers, or use search alone for a lower bound") from exc
     return module
 
@@ -239,7 +276,7 @@ def _compute_bounds(module, inputs, spec, method, dtype):
         warnings.filterwarnings("ignore", message="Creating an identity matrix")
         try:
             lower, upper = module.compute_bounds(x=inputs, C=spec, method=method)
-        except (NotImplementedError, AssertionError, RuntimeError, IndexError, TypeError) as exc:
+        except Exception as exc:  # auto_LiRPA fails in many ways on graphs it cannot handle
             raise UnsupportedOperationError([type(exc).__name__ + ": " + str(exc)[:200]],
                                             what=f"auto_LiRPA {method} on this graph",
                                             hint="try another method (ibp, crown)") from exc

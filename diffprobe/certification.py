@@ -76,15 +76,26 @@ class Spec:
                                                            upper[:, self.k - 1:2 * (self.k - 1)])
 
 
-def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, within=None):
+def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, within=None, skipped=None):
     """Per-row bounds of a batch of boxes: the intersection over `methods` (each is sound) and
     `within` (bounds already known to hold for these boxes), the methods run in order until every
-    box's scalar bound is at most `enough`; their names go to `ran`."""
+    box's scalar bound is at most `enough`; their names go to `ran`. With a `skipped` list, a
+    method that fails on the graph is noted there and the next one runs; without, it raises."""
     if spec.rows is not None:
         problem = dataclasses.replace(problem, spec=spec.rows)
     lower, upper = within if within is not None else (None, None)
+    margin = None
     for name in methods:
-        l, u = outward(*METHODS[name](problem, region, lo, hi), problem.scale)
+        try:
+            l, u = outward(*METHODS[name](problem, region, lo, hi), problem.scale)
+            if problem.margin is not None:  # the exact difference, widened by the models' rounding
+                margin = problem.margin.rows(lo, hi, problem.spec) if margin is None else margin
+                l, u = l - margin, u + margin
+        except UnsupportedOperationError as exc:
+            if skipped is None:
+                raise
+            skipped.append(f"{name} skipped: {exc}")
+            continue
         if ran is not None:
             ran.append(name)
         lower = l if lower is None else torch.maximum(lower, l)
@@ -154,7 +165,7 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
     # threshold (when the witness does not exceed it), else until the gap is within tolerance
     enough = (threshold if threshold is not None and witness.found <= threshold
               else witness.found / (1 - tolerance))
-    state = BranchAndBound(problem, spec, methods, region, diff, witness, enough=enough)
+    state = BranchAndBound(problem, spec, methods, region, diff, witness, enough=enough, auto=method == "auto")
     state.notes += unbounded_notes(problem, method, methods, spec)
     if time_budget and region.norm != 2.0 and methods:
         state.run(t0 + time_budget, threshold, tolerance, progress)
@@ -196,16 +207,17 @@ INPUT_SPLIT_MAX_DIMS = 8  # halving one input at a time shrinks a box of more di
 class BranchAndBound:
     """Leaves of the input split; the bound is the max over leaves (and pruned leaves)."""
 
-    def __init__(self, problem, spec, methods, region, diff, witness, initial=None, enough=-_INF):
+    def __init__(self, problem, spec, methods, region, diff, witness, initial=None, enough=-_INF, auto=True):
         self.problem, self.spec, self.methods, self.region = problem, spec, methods, region
+        self.skipped = [] if auto else None  # under `auto` a method that fails is skipped with a note
         self.pair, self.surrogate, self.diff = problem.deployment.pair, problem.deployment.surrogate, diff
         self.found, self.witness = witness.found, torch.tensor(witness.x, dtype=torch.float64)
         self.notes = list(witness.warnings)
         lo, hi = region.bounding_box()
         self.lo, self.hi = lo.unsqueeze(0), hi.unsqueeze(0)
         self.ran = []  # the methods that bounded the region
-        self.lower, self.upper, self.scores = initial or bound_boxes(problem, spec, methods, region,
-                                                                      self.lo, self.hi, enough, self.ran)
+        self.lower, self.upper, self.scores = initial or bound_boxes(problem, spec, methods, region, self.lo,
+                                                                      self.hi, enough, self.ran, skipped=self.skipped)
         self.pruned_lower = torch.full_like(self.lower[0], _INF)
         self.pruned_upper = torch.full_like(self.upper[0], -_INF)
         self.pruned_max, self.branches = -_INF, 1
@@ -275,7 +287,7 @@ class BranchAndBound:
         # not monotone in the box: without this a split could loosen the bound)
         parent = (self.lower[order].repeat(2, 1), self.upper[order].repeat(2, 1))
         lower, upper, scores = bound_boxes(self.problem, self.spec, methods, self.region, new_lo, new_hi,
-                                           within=parent)
+                                           within=parent, skipped=self.skipped)
         keep = torch.ones(len(self.scores), dtype=torch.bool)
         keep[order] = False
         self.lo, self.hi = torch.cat([self.lo[keep], new_lo]), torch.cat([self.hi[keep], new_hi])
@@ -309,7 +321,7 @@ class BranchAndBound:
             return
         self.lower, self.upper, self.scores = bound_boxes(self.problem, self.spec, ["alpha-differential"],
                                                           self.region, self.lo, self.hi, ran=self.ran,
-                                                          within=(self.lower, self.upper))
+                                                          within=(self.lower, self.upper), skipped=self.skipped)
         self.problem.alpha_seconds = time.perf_counter() - started
 
     def run(self, deadline, threshold, tolerance, progress, max_leaves=200_000):
@@ -339,7 +351,7 @@ class BranchAndBound:
         lower = torch.minimum(self.lower.amin(0), self.pruned_lower) if len(self.scores) else self.pruned_lower
         upper = torch.maximum(self.upper.amax(0), self.pruned_upper) if len(self.scores) else self.pruned_upper
         lower, upper = self.spec.reported(lower.unsqueeze(0), upper.unsqueeze(0))
-        bound, notes = self.bound, list(self.notes)
+        bound, notes = self.bound, self.notes + sorted(set(self.skipped or []))
         if self.found > bound:
             # a deployed model's output above its certified bound: the error model missed something.
             # Never report such a bound (it would verify falsely); please report it as a bug

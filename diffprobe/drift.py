@@ -146,11 +146,12 @@ def run_chunk(job):
     # mnistfc int8, 1,000 points, 9 s -> 72 s); method="alpha-differential" asks for it
     deployment, regions, spec, problem, methods = prepare(job.model_a, job.model_b, job.regions, diff, s.method,
                                                           False, s.arithmetic, s.arithmetic_b)
-    lower, upper, scores = _staged_bounds(problem, spec, methods, regions, s.threshold)
+    skipped = [] if s.method == "auto" else None
+    lower, upper, scores = _staged_bounds(problem, spec, methods, regions, s.threshold, skipped)
     with torch.no_grad():
         a, b = deployment.pair.outputs(torch.stack([r.center for r in regions]).to(torch.float64))
         at_center = torch.nan_to_num(diff(a, b), nan=float("inf"))
-    notes = unbounded_notes(problem, s.method, methods, spec)[:0 if methods else 1]
+    notes = unbounded_notes(problem, s.method, methods, spec)[:0 if methods else 1] + sorted(set(skipped or []))
     classes = a.shape[1] > 1
     records = []
     for i, region in enumerate(regions):
@@ -166,17 +167,18 @@ def run_chunk(job):
     return records
 
 
-def _staged_bounds(problem, spec, methods, regions, threshold):
+def _staged_bounds(problem, spec, methods, regions, threshold, skipped=None):
     """Per-row bounds of every region, each method run only on the regions not yet verified.
     Boxes and L-inf balls go in one batch, and so do L2 balls of one radius and clip (their
     centres stacked); any other mix is bounded one region per call."""
     if all(r.norm != 2.0 for r in regions):
-        return _staged_batch(problem, spec, methods, regions[0], *_boxes(regions), threshold)
+        return _staged_batch(problem, spec, methods, regions[0], *_boxes(regions), threshold, skipped=skipped)
     first = regions[0]
     if all(isinstance(r, L2Ball) and r.eps == first.eps and r.clip == first.clip for r in regions):
         stacked = L2Ball(torch.stack([r.center for r in regions]), first.eps, first.clip)
-        return _staged_batch(problem, spec, methods, stacked, *_boxes(regions), threshold, stacked=True)
-    parts = [_staged_batch(problem, spec.take([i]), methods, r, *_boxes([r]), threshold)
+        return _staged_batch(problem, spec, methods, stacked, *_boxes(regions), threshold, stacked=True,
+                             skipped=skipped)
+    parts = [_staged_batch(problem, spec.take([i]), methods, r, *_boxes([r]), threshold, skipped=skipped)
              for i, r in enumerate(regions)]
     return tuple(torch.cat(t) for t in zip(*parts))
 
@@ -186,7 +188,7 @@ def _boxes(regions):
             torch.stack([r.bounding_box()[1] for r in regions]))
 
 
-def _staged_batch(problem, spec, methods, region, lo, hi, threshold, stacked=False):
+def _staged_batch(problem, spec, methods, region, lo, hi, threshold, stacked=False, skipped=None):
     """`stacked`: `region` is L2 balls with their centres stacked, one per box."""
     lower = upper = scores = None
     for name in methods:
@@ -195,12 +197,15 @@ def _staged_batch(problem, spec, methods, region, lo, hi, threshold, stacked=Fal
             break
         part = L2Ball(region.center[todo], region.eps, region.clip) if stacked else region
         within = None if lower is None else (lower[todo], upper[todo])
-        l, u, _ = bound_boxes(problem, spec.take(todo), [name], part, lo[todo], hi[todo], within=within)
+        l, u, _ = bound_boxes(problem, spec.take(todo), [name], part, lo[todo], hi[todo], within=within,
+                              skipped=skipped)
         if lower is None:
             lower, upper = l, u
         else:
             lower[todo], upper[todo] = l, u
         scores = spec.scalar(lower, upper)
+    if lower is None:  # no method (the deployed arithmetic cannot be bounded): unbounded
+        return bound_boxes(problem, spec, [], region, lo, hi)
     return lower, upper, scores
 
 
@@ -214,7 +219,7 @@ def _point(deployment, diff, problem, spec, methods, region, initial, at_center,
         return record
     witness = search_pair(deployment.pair, diff, region, surrogate=deployment.surrogate, steps=s.search_steps,
                           restarts=s.search_restarts, seed=s.seed, threshold=s.threshold)
-    state = BranchAndBound(problem, spec, methods, region, diff, witness, initial)
+    state = BranchAndBound(problem, spec, methods, region, diff, witness, initial, auto=s.method == "auto")
     if s.time_budget and region.norm != 2.0 and methods:
         state.run(time.perf_counter() + s.time_budget, s.threshold, 0.05, False)
     cert = state.certificate("", s.threshold, s.seed, 0.0)

@@ -362,14 +362,27 @@ class Chain:
 
 
 class _ExactChain(nn.Module):
+    """A chain's exact function; weights as parameters and F.linear, which auto_LiRPA 0.3 traces
+    in float64 (a matmul with a plain tensor constant comes out float32)."""
+
     def __init__(self, chain):
         super().__init__()
-        self.chain, self.input_shape = chain, tuple(chain.input_shape)
+        self.input_shape = tuple(chain.input_shape)
+        self.steps = [s if s is RELU else (s.weight is not None, s.bias is not None) for s in chain.steps]
+        self.weights = nn.ParameterList([nn.Parameter(s.weight, requires_grad=False) for s in chain.steps
+                                         if s is not RELU and s.weight is not None])
+        self.biases = nn.ParameterList([nn.Parameter(s.bias, requires_grad=False) for s in chain.steps
+                                        if s is not RELU and s.bias is not None])
 
     def forward(self, x):
-        h = x.reshape(x.shape[0], -1).double()
-        for s in self.chain.steps:
-            h = torch.relu(h) if s is RELU else s.exact(h)
+        h, w, b = x.reshape(x.shape[0], -1), iter(self.weights), iter(self.biases)
+        for s in self.steps:
+            if s is RELU:
+                h = torch.relu(h)
+            elif s[0]:
+                h = nn.functional.linear(h, next(w), next(b) if s[1] else None)
+            elif s[1]:
+                h = h + next(b)
         return h
 
 
