@@ -172,8 +172,9 @@ def build_problem(deployment, kind, spec=None):
     exact_graph = lambda: DifferenceGraph(deployment.surrogate, kind).double().eval()
     if deployment.exact:
         return Problem(exact_graph(), spec, deployment)
+    lowered = deployment.native_bounds  # lowers both models (their notes say why not)
     why = "; ".join(deployment.notes) or "a model is not lowered"
-    if deployment.native_bounds:
+    if lowered:
         try:
             noisy = NoisyPair(*deployment.chains, deployment.pair.input_shape)
             return Problem(DifferenceGraph(noisy, kind).eval(), spec, deployment, noisy=noisy)

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import pickle
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -159,7 +160,7 @@ def _load_state(model, state, path):
     modules (packed weights, dtypes) are passed on."""
     expected = set(model.state_dict())
     for prefix in ("",) + _PREFIXES:
-        stripped = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+        stripped = _stripped(state, prefix)
         if set(stripped) == expected:
             try:
                 model.load_state_dict(stripped, assign=True)
@@ -171,6 +172,17 @@ def _load_state(model, state, path):
     raise CheckpointError(
         f"{path} does not fit the architecture: missing {missing[:5]}, unexpected {extra[:5]}; "
         "check --arch and its kwargs")
+
+
+def _stripped(state, prefix):
+    """`state` without `prefix` on its keys, keeping the module versions torch stores beside the
+    tensors (a quantised Linear reads its version to know how its weights were saved)."""
+    cut = lambda k: k[len(prefix):] if prefix and k.startswith(prefix) else k
+    out = OrderedDict((cut(k), v) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = type(metadata)((cut(k + ".")[:-1] if k else k, v) for k, v in metadata.items())
+    return out
 
 
 def resolve_callable(spec, option="--arch"):

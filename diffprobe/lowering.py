@@ -169,8 +169,17 @@ def _linear(module, ctx):
         return torchao_linear(module, ctx)
     raise Declined(f"{ctx.name} (nn.Linear) holds a {kind.__module__}.{kind.__name__} weight, which "
                    "diffprobe does not model")
-register_stage(nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)(
-    lambda m, ctx: _affine_stage(m, ctx, extra_roundings=1))
+@register_stage(nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+def _avgpool(module, ctx):
+    if ctx.scale is None:
+        return _affine_stage(module, ctx, extra_roundings=1)
+    # on a quantised tensor: the average is rounded back to the input's own grid (inside its range)
+    w, b, shape = dense(module, ctx.shape)
+    step = ctx.scale
+    ctx.shape = shape
+    error = None if ctx.exact else (lambda x_lo, x_hi, y_lo, y_hi: torch.full_like(y_lo, step / 2 * (1 + 2.0 ** -16))
+                                    + FORMATS[torch.float32].rounding_error(torch.maximum(y_lo.abs(), y_hi.abs())))
+    return [Stage(ctx.name, w, b, shape, output_error=error)]
 
 
 @register_stage(nn.BatchNorm1d, nn.BatchNorm2d)

@@ -229,9 +229,14 @@ def torchao_linear(module, ctx):
     dtype = w_t.dtype
     fmt = format_of(dtype)
     for attribute in ("act_pre_scale", "act_quant_scale", "zero_point"):
-        if getattr(w_t, attribute, None) is not None:
+        value = getattr(w_t, attribute, None)
+        if value is not None and not (attribute == "zero_point" and not bool(value.any())):
             raise Declined(f"{ctx.name}: torchao int8 weights with {attribute} are not modelled")
-    w = w_t.dequantize(torch.float64) if w_t.block_size[-1] == w_t.qdata.shape[-1] else w_t.dequantize().double()
+    if w_t.block_size[-1] == w_t.qdata.shape[-1]:  # per row or per tensor: integer weights times a scale
+        scale = w_t.scale.double()
+        w = w_t.qdata.double() * (scale.reshape(-1, 1) if scale.numel() == len(w_t.qdata) else scale.reshape(()))
+    else:  # per group: torchao dequantises in the activation dtype first
+        w = w_t.dequantize().double()
     b = module.bias.detach().double() if module.bias is not None else torch.zeros(len(w), dtype=torch.float64)
     stages = _cast(ctx, dtype)
     ctx.dtype, ctx.shape = dtype, (len(w),)
