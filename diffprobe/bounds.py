@@ -322,44 +322,36 @@ def alpha_differential(problem, region, lo, hi):
     as good as the two networks' own pre-activation bounds (ACAS Xu boxes: up to 25x tighter, for
     about one alpha-CROWN pass of the composed graph)."""
     engine = _engine_or_raise(problem)
-    noisy = [None, None] if problem.noisy is None else [problem.noisy.model_a, problem.noisy.model_b]
-    layers = [_per_layer(_relu_input_bounds(problem, m, chain, lo, hi), own.layers, lo, hi)
-              for m, chain, own in zip(_singles(problem), noisy, (engine.a, engine.b))]
+    layers = [_per_layer(_relu_input_bounds(problem, m, lo, hi), chain, lo, hi)
+              for m, chain in zip(_singles(problem), (engine.a, engine.b))]
     return engine.bounds(lo, hi, given=[a + b for a, b in zip(*layers)])
 
 
 def _singles(problem):
-    """Each network alone, traced: its float64 forward (exact), or its noisy chain (deployed)."""
+    """Each network alone in exact arithmetic, traced (its float64 stand-in)."""
     if problem.singles is None:
-        shape = problem.deployment.pair.input_shape
-        if problem.noisy is None:
-            pair = problem.deployment.surrogate
-            problem.singles = [_bounded_module(m, (torch.zeros(1, *shape, dtype=problem.dtype),))
-                               for m in (pair.model_a, pair.model_b)]
-        else:
-            problem.singles = [_bounded_module(m, (torch.zeros(1, *shape, dtype=problem.dtype),
-                                                   torch.zeros(1, m.width, dtype=problem.dtype)))
-                               for m in (problem.noisy.model_a, problem.noisy.model_b)]
+        shape, pair = problem.deployment.pair.input_shape, problem.deployment.surrogate
+        problem.singles = [_bounded_module(m, (torch.zeros(1, *shape, dtype=problem.dtype),))
+                           for m in (pair.model_a, pair.model_b)]
     return problem.singles
 
 
-def _relu_input_bounds(problem, module, noisy, lo, hi):
-    """Per ReLU of a traced network (with its `NoisyChain` under deployed arithmetic), in the order
-    auto_LiRPA holds them, the bounds of its input over the boxes after alpha-CROWN."""
+def _relu_input_bounds(problem, module, lo, hi):
+    """Per ReLU of a traced network, in the order auto_LiRPA holds them, the bounds of its input
+    over the boxes after alpha-CROWN."""
     inputs = (_box_input(lo.to(problem.dtype), hi.to(problem.dtype)),)
-    if noisy is not None:
-        r = noisy.radii(lo.reshape(len(lo), -1).double(), hi.reshape(len(hi), -1).double())
-        inputs += (_box_input(-r, r),)
     _compute_bounds(module, inputs, None, "CROWN-Optimized", problem.dtype)
     return [(n.inputs[0].lower.detach().reshape(len(lo), -1).double(),
              n.inputs[0].upper.detach().reshape(len(lo), -1).double())
             for n in module._modules.values() if type(n).__name__ == "BoundRelu"]
 
 
-def _per_layer(bounds, layers, lo, hi):
-    """`bounds` as the engine's hidden layers, checked against the pre-activations at the box
-    centres; infinite where they do not line up (a node-pruned model's layers are padded in the
-    engine, or auto_LiRPA's ReLU order differs from the chain's)."""
+def _per_layer(bounds, chain, lo, hi):
+    """`bounds` (of the exact network) as the engine's hidden layers of `chain`, checked against
+    the pre-activations at the box centres and widened by the rounding of the arithmetic the
+    network runs in; infinite where they do not line up (a node-pruned model's layers are padded
+    in the engine, or auto_LiRPA's ReLU order differs from the chain's)."""
+    layers = chain.layers
     if len(bounds) != len(layers) - 1:
         return _unbounded(layers, len(lo))
     h = ((lo + hi) / 2).reshape(len(lo), -1).double()
@@ -369,7 +361,9 @@ def _per_layer(bounds, layers, lo, hi):
         if l.shape != z.shape or bool(((z < l - tol) | (z > u + tol)).any()):
             return _unbounded(layers, len(lo))
         h = torch.relu(z)
-    return bounds
+    if not any(layer.noisy for layer in layers):
+        return bounds
+    return [(l - d, u + d) for (l, u), d in zip(bounds, chain.rounding_spread(lo, hi))]
 
 
 def _unbounded(layers, boxes):

@@ -66,8 +66,14 @@ def region_options(fn):
 
 
 def common_options(fn):
+    from .deployment import ARITHMETICS
     options = [
         click.option("--difference", type=click.Choice(list(DIFFERENCES)), default="elementwise", show_default=True),
+        click.option("--arithmetic", type=click.Choice(ARITHMETICS), default="native", show_default=True,
+                     help="what the models run in: native (as loaded: fp16 in fp16, int8 as int8), exact "
+                          "(stored weights, real arithmetic), or a float format to cast to"),
+        click.option("--arithmetic-b", type=click.Choice(ARITHMETICS),
+                     help="MODEL_B's arithmetic when it differs from --arithmetic"),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout"),
         click.option("--quiet", is_flag=True, help="no progress on stderr"),
@@ -126,8 +132,18 @@ def main():
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    """A Python warning on the command line: one line on stderr, not the source line it came from."""
+    """A Python warning on the command line: one line on stderr, not the source line it came from.
+    torch's notices about its own deprecations (raised while loading quantised checkpoints) are
+    not the user's concern and are dropped."""
+    if issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) or \
+            _inside(filename, "torch") or _inside(filename, "torchao"):
+        return
     click.echo(f"diffprobe: warning: {message}", err=True)
+
+
+def _inside(filename, package):
+    import os
+    return f"{os.sep}site-packages{os.sep}{package}{os.sep}" in str(filename)
 
 
 @main.command()
@@ -142,15 +158,16 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
               help="data file or folder: its points inside the region nearest a decision boundary start restarts")
 @_friendly
 def search(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
-           norm, clip, box, difference, seed, as_json, quiet, to_mlflow, steps, restarts, threshold, save_witness,
-           data):
+           norm, clip, box, difference, arithmetic, arithmetic_b, seed, as_json, quiet, to_mlflow, steps, restarts,
+           threshold, save_witness, data):
     """Find the input in a region where MODEL_A and MODEL_B disagree most."""
     from . import search as run_search
     from .report import search_text
     a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
     region = make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
     result = run_search(a, b, region, difference=difference, steps=steps, restarts=restarts, seed=seed,
-                        threshold=threshold, data=data, progress=not quiet)
+                        threshold=threshold, data=data, arithmetic=arithmetic, arithmetic_b=arithmetic_b,
+                        progress=not quiet)
     if save_witness:
         import numpy as np
         np.save(save_witness, result.witness().numpy())
@@ -169,19 +186,21 @@ def _certify_command(name, doc, search_steps):
     @data_options
     @_friendly
     def command(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
-                norm, clip, box, difference, seed, as_json, quiet, to_mlflow, method, threshold, time_budget,
-                data, labels, top1, jobs, out, resume):
+                norm, clip, box, difference, arithmetic, arithmetic_b, seed, as_json, quiet, to_mlflow, method,
+                threshold, time_budget, data, labels, top1, jobs, out, resume):
         a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
         if data:
             return _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method,
-                          time_budget, jobs, out, resume, seed, search_steps, as_json, quiet, to_mlflow)
+                          time_budget, jobs, out, resume, seed, search_steps, as_json, quiet, to_mlflow,
+                          arithmetic, arithmetic_b)
         if top1 or jobs > 1 or resume or labels:
             raise RegionError("--top1, --jobs, --labels and --resume work with --data FILE")
         from . import certify
         from .report import certificate_text
         region = make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
         result = certify(a, b, region, difference=difference, method=method, threshold=threshold,
-                         time_budget=time_budget, seed=seed, search_steps=search_steps, progress=not quiet)
+                         time_budget=time_budget, seed=seed, search_steps=search_steps, arithmetic=arithmetic,
+                         arithmetic_b=arithmetic_b, progress=not quiet)
         _save(result, out)
         emit(result, as_json, certificate_text(result), to_mlflow)
         sys.exit(EXIT[result.verdict])
@@ -204,7 +223,7 @@ def data_options(fn):
 
 
 def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method, time_budget, jobs,
-           out, resume, seed, search_steps, as_json, quiet, to_mlflow):
+           out, resume, seed, search_steps, as_json, quiet, to_mlflow, arithmetic="native", arithmetic_b=None):
     import os
     from . import drift
     from .data import load_tensor
@@ -219,7 +238,7 @@ def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, met
                        method=method, time_budget_per_point=time_budget, executor=executor,
                        threads_per_job=max(1, (os.cpu_count() or 1) // jobs) if executor else 0,
                        search_steps=search_steps, seed=seed, checkpoint=checkpoint_path(out),
-                       resume=resume, progress=not quiet)
+                       resume=resume, arithmetic=arithmetic, arithmetic_b=arithmetic_b, progress=not quiet)
     _save(report, out)
     emit(report, as_json, drift_text(report), to_mlflow)
     sys.exit(130 if report.total > len(report.points) else EXIT[report.verdict])

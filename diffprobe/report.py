@@ -1,4 +1,5 @@
 """Plain-text renderings of results for the terminal."""
+from .results import arithmetic_text
 
 
 def _fmt(v):
@@ -9,6 +10,7 @@ def search_text(result):
     lines = [f"difference   {result.difference}",
              f"found        {_fmt(result.found)}  (max over the region found by search)",
              f"evaluations  {result.evaluations}",
+             f"arithmetic   {arithmetic_text(result.arithmetic)}  (what the models ran in)",
              f"seconds      {result.seconds:.2f}",
              f"region       {result.region.get('type')} over {result.region.get('shape')} inputs"]
     return "\n".join(lines + [f"warning      {w}" for w in result.warnings])
@@ -23,6 +25,7 @@ def certificate_text(cert):
              f"gap ratio    {_fmt(cert.gap_ratio)}  (found / bound; 1 is exact)",
              f"verdict      {verdict}" + (f"  at threshold {_fmt(cert.threshold)}" if cert.threshold is not None else ""),
              f"branches     {cert.branches}",
+             f"arithmetic   {arithmetic_text(cert.arithmetic)}  (what the bound covers)",
              f"seconds      {cert.seconds:.2f}"]
     return "\n".join(lines + [f"note         {n}" for n in cert.notes])
 
@@ -55,7 +58,8 @@ def drift_text(report):
              f"verdict      {verdict}" + (f"  at threshold {_fmt(report.threshold)}" if report.threshold is not None else ""),
              f"counts       {c['verified']} verified, {c['falsified']} falsified, {c['unknown']} unknown",
              f"worst bound  {_fmt(report.bound)}  (largest certified bound over the points)",
-             f"worst found  {_fmt(report.found)}  (largest witness value)"]
+             f"worst found  {_fmt(report.found)}  (largest witness value)",
+             f"arithmetic   {arithmetic_text(report.arithmetic)}  (what the bounds cover)"]
     if report.accuracy_a is not None:
         lines.append(f"accuracy     model_a {report.accuracy_a:.4f}, model_b {report.accuracy_b:.4f}")
     if report.agreement is not None:

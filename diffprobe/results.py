@@ -169,7 +169,7 @@ class Certificate(_Result):
         return [("difference", self.difference), ("method", self.method), ("bound", f"{self.bound:.6g}"),
                 ("found", f"{self.found:.6g}"), ("gap ratio", f"{self.gap_ratio:.4g}"),
                 ("verdict", self.verdict.value if self.verdict else "-"), ("branches", self.branches),
-                ("arithmetic", _arithmetic(self.arithmetic)), ("seconds", f"{self.seconds:.2f}")]
+                ("arithmetic", arithmetic_text(self.arithmetic)), ("seconds", f"{self.seconds:.2f}")]
 
     def _figure(self):
         from .figures import interval_png, thumbnail
@@ -237,7 +237,7 @@ class DriftReport(_Result):
                 ("verdict", self.verdict.value if self.verdict else "-"),
                 ("worst bound", _g(self.bound)), ("worst found", _g(self.found)),
                 ("accuracy a / b", f"{_g(self.accuracy_a)} / {_g(self.accuracy_b)}"),
-                ("top-1 agreement", _g(self.agreement)), ("arithmetic", _arithmetic(self.arithmetic)),
+                ("top-1 agreement", _g(self.agreement)), ("arithmetic", arithmetic_text(self.arithmetic)),
                 ("seconds", f"{self.seconds:.1f}")]
 
     def _repr_html_(self):
@@ -266,10 +266,10 @@ def _g(v):
     return "-" if v is None else f"{v:.4g}"
 
 
-def _arithmetic(labels):
-    """'fp32 / fp16' (model_a / model_b), or one word when both ran in the same arithmetic."""
+def arithmetic_text(labels):
+    """'model_a fp32, model_b fp16', or one word when both ran in the same arithmetic."""
     a, b = labels.get("model_a", "-"), labels.get("model_b", "-")
-    return a if a == b else f"{a} / {b}"
+    return a if a == b else f"model_a {a}, model_b {b}"
 
 
 @dataclass(frozen=True)

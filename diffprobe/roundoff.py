@@ -137,9 +137,8 @@ def _layernorm(module, x, ctx):
     # x_i - mean = (1 - 1/n) x_i - (1/n) sum_{j != i} x_j
     c_lo = (1 - 1 / n) * x.lo - (mean_hi * n - x.hi) / n
     c_hi = (1 - 1 / n) * x.hi - (mean_lo * n - x.lo) / n
-    sq_lo = torch.where(c_lo > 0, c_lo ** 2, torch.where(c_hi < 0, c_hi ** 2, torch.zeros_like(c_lo)))
     c_mag = torch.maximum(c_lo.abs(), c_hi.abs())
-    var_lo, var_hi = sq_lo.mean(dims, keepdim=True), (c_mag ** 2).mean(dims, keepdim=True)
+    var_lo, var_hi = _least_variance(x.lo, x.hi, dims), (c_mag ** 2).mean(dims, keepdim=True)
     s_lo, s_hi = torch.sqrt(var_lo + module.eps), torch.sqrt(var_hi + module.eps)
     q_lo = torch.minimum(c_lo / s_lo, c_lo / s_hi)
     q_hi = torch.maximum(c_hi / s_lo, c_hi / s_hi)
@@ -161,6 +160,24 @@ def _layernorm(module, x, ctx):
     a, b = q_lo * weight + bias, q_hi * weight + bias
     err = weight.abs() * e_q + ctx.rounded(q_mag * weight.abs() + bias.abs(), 2)
     return Interval(torch.minimum(a, b), torch.maximum(a, b), err)
+
+
+def _least_variance(lo, hi, dims, steps=80):
+    """The smallest variance over the trailing `dims` of any x in the box [lo, hi]: the variance
+    is min over t of mean (x_i - t)^2, so the box's least one is min over t of the mean squared
+    distance of t to each [lo_i, hi_i], a convex function of one variable (ternary search)."""
+    shape = lo.shape[:lo.dim() - len(dims)] + (1,) * len(dims)
+    lo_f, hi_f = lo.reshape(*lo.shape[:lo.dim() - len(dims)], -1), hi.reshape(*hi.shape[:hi.dim() - len(dims)], -1)
+    f = lambda t: ((lo_f - t).clamp_min(0) ** 2 + (t - hi_f).clamp_min(0) ** 2).mean(-1, keepdim=True)
+    a, b = lo_f.amin(-1, keepdim=True), hi_f.amax(-1, keepdim=True)
+    for _ in range(steps):
+        m1, m2 = a + (b - a) / 3, b - (b - a) / 3
+        smaller = f(m1) < f(m2)
+        a, b = torch.where(smaller, a, m1), torch.where(smaller, m2, b)
+    # |f'| <= 2 * span on the bracket, and the minimiser lies in it: step back by that much
+    span = hi_f.amax(-1, keepdim=True) - lo_f.amin(-1, keepdim=True)
+    least = f((a + b) / 2) - 2 * span * (b - a).abs()
+    return least.clamp_min(0).reshape(shape)
 
 
 def _monotone(fn, slope, low=None):
