@@ -210,12 +210,17 @@ class ChainBounds:
             l, u = _affine_interval(layer.weight, layer.bias, *h)
             pad = noise_radius(state.noise[k], l)
             l, u = l - pad, u + pad
-            if k == len(self.layers) - 1:
-                return state
-            if given is not None:
+            last = k == len(self.layers) - 1
+            if given is not None and not last:
                 l, u = _intersect((l, u), given[k])
             if k > 0:
-                l, u = _refined(lambda s, i: self.lower(s, k, lo[i], hi[i], state.take(i)), _unstable(l, u), l, u)
+                rows = torch.ones_like(l, dtype=torch.bool) if last and layer.noisy else _unstable(l, u)
+                l, u = _refined(lambda s, i: self.lower(s, k, lo[i], hi[i], state.take(i)), rows, l, u)
+            if layer.noisy and k > 0:
+                # errors sized by the refined bounds (smaller ulps, less clamping) replace the first ones
+                state.noise[k] = layer.noise(*h, out=(l - pad, u + pad))
+            if last:
+                return state
             state.bounds.append((l, u))
             state.relax.append(_relu_lines(l, u))
             h = (l.clamp_min(0), u.clamp_min(0))

@@ -501,9 +501,13 @@ class Layer:
             self._maps[key] = m
         return self._maps[key]
 
-    def noise(self, lo, hi):
+    def noise(self, lo, hi, out=None):
+        """`out`: bounds already known for the last stage's result (the layer's output less that
+        stage's own error), intersected with its interval: tighter output bounds, smaller errors."""
         if self.columns is not None:
             lo, hi = lo[:, self.columns], hi[:, self.columns]
+        if out is not None and self.rows is not None:  # the real outputs among the padded ones
+            out = (out[0][:, self.rows[0]], out[1][:, self.rows[0]])
         terms = []
         for j, s in enumerate(self.stages):
             if s.input_error is not None:
@@ -511,6 +515,8 @@ class Layer:
                 terms.append((self._map(j, True), r))
                 lo, hi = lo - r, hi + r
             y_lo, y_hi = s.interval(lo, hi)
+            if out is not None and j == len(self.stages) - 1:
+                y_lo, y_hi = torch.maximum(y_lo, out[0]), torch.minimum(y_hi, out[1])
             if s.output_error is not None:
                 r = s.output_error(lo, hi, y_lo, y_hi)
                 terms.append((self._map(j, False), r))

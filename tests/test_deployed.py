@@ -15,10 +15,9 @@ from diffprobe.cli import main
 from diffprobe.deployment import deploy
 from diffprobe.layers import Network, random_network
 from conftest import examples, shared
-from deployed_copies import (KINDS, deployed_copy, digits_classifier, native_max, small_cnn,
+from diffprobe_examples.deployed import (KINDS, deployed_copy, digits_classifier, native_max, small_cnn,
                              torchao_available)
 
-HERE = __file__.rsplit("/", 1)[0]
 ELEMENTWISE = dp.get_difference("elementwise")
 
 
@@ -52,7 +51,7 @@ def digits_files(tmp_path_factory):
 def test_half_precision_copies_are_bounded_as_they_run(digits_files, kind):
     """Reproduction 1: an fp16 state_dict was upcast and certified in float64 (bound 0.0044,
     'verified' at 0.01) while the fp16 module reaches 0.0198 in the same ball."""
-    arch = f"{HERE}/deployed_copies.py:digits_architecture"
+    arch = "diffprobe_examples.deployed:digits_architecture"
     r = _cli("certify", digits_files / "base.pt", digits_files / f"{kind}.pt", "--arch", arch, "--center",
              digits_files / "c.npy", "--eps", 0.02, "--clip", 0, 1, "--threshold", 0.01, "--json", "--quiet")
     assert r.exit_code in (5, 10), r.output  # never verified
@@ -72,13 +71,13 @@ def test_half_precision_copies_are_bounded_as_they_run(digits_files, kind):
 def test_int8_dynamic_checkpoints_load_and_are_bounded_as_they_run(digits_files):
     """Reproduction 2: the pickled torch.ao module crashed search and certify; its state_dict did
     not load; dequantised weights certified 0.184 while the int8 module reaches 0.57."""
-    base, arch = digits_files / "base.pt", f"{HERE}/deployed_copies.py:digits_architecture"
+    base, arch = digits_files / "base.pt", "diffprobe_examples.deployed:digits_architecture"
     region_args = ["--center", digits_files / "c.npy", "--eps", 0.02, "--clip", 0, 1]
     pickled = _cli("certify", base, digits_files / "int8_module.pt", "--arch", arch, "--trust", *region_args,
                    "--threshold", 0.5, "--json", "--quiet")
     assert pickled.exit_code in (5, 10), pickled.output
     from_state = _cli("certify", base, digits_files / "int8.pt", "--arch", arch, "--arch-b",
-                      f"{HERE}/deployed_copies.py:digits_int8_architecture", *region_args, "--threshold", 0.5,
+                      "diffprobe_examples.deployed:digits_int8_architecture", *region_args, "--threshold", 0.5,
                       "--json", "--quiet")
     assert from_state.exit_code in (5, 10), from_state.output
     searched = _cli("search", base, digits_files / "int8_module.pt", "--arch", arch, "--trust", *region_args,

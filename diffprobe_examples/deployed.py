@@ -105,3 +105,15 @@ def small_cnn(seed):
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     return net.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def digits_cnn():
+    """A small CNN on the 1x8x8 digits images (conv-ReLU-avgpool twice, then linear), trained in
+    a few seconds; with its test inputs."""
+    from diffprobe.demo import digits_data, train
+    x, y, x_test, _ = digits_data(0)
+    torch.manual_seed(0)
+    model = Network([nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
+                     nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(64, 10)], (1, 8, 8))
+    return train(model, x.reshape(-1, 1, 8, 8), y, epochs=20), x_test.reshape(-1, 1, 8, 8)
