@@ -104,7 +104,8 @@ class Deployment:
     def __init__(self, models, names, pair, points):
         self.models, self.names, self.points = models, names, points
         self.exact = names[0] == "exact"
-        self.arithmetic = {k: describe(m, a) for k, m, a in zip(("model_a", "model_b"), models, names)}
+        self.arithmetic = {k: "exact" if self.exact else describe(m, "native")
+                           for k, m in zip(("model_a", "model_b"), models)}
         self.notes, self._chains, self._surrogate = [], None, None
         self.pair = self.surrogate if self.exact else pair
         if self.pair is None:

@@ -149,5 +149,5 @@ def dream(model_a, model_b, *, difference="elementwise", priors=None, region=Non
         final = image().double()
     notes = [f"DeepDream: {param} parameterisation, transforms {', '.join(transforms) or 'none'}"
              + (f", priors {prior.name}" if prior else "")]
-    pair64 = copy.deepcopy(pair).double()
-    return witness_result(pair64, diff, region, final, count, seed, trace, time.perf_counter() - t0, notes)
+    # the final image is scored on the models as they run (an fp16 model in fp16)
+    return witness_result(pair, diff, region, final, count, seed, trace, time.perf_counter() - t0, notes)

@@ -39,13 +39,14 @@ class _Node:
 
 
 def _tensor(a):
-    return torch.as_tensor(np.array(a, dtype=np.float32))
+    # built in float64 (every float32/float16 value exactly), cast to the graph's own dtype at the end
+    return torch.as_tensor(np.array(a, dtype=np.float64))
 
 
 def _linear(weight, bias=None):
     """nn.Linear from weight [out, in]."""
     out_f, in_f = weight.shape
-    layer = nn.Linear(in_f, out_f, bias=True)
+    layer = nn.Linear(in_f, out_f, bias=True, dtype=torch.float64)
     with torch.no_grad():
         layer.weight.copy_(_tensor(weight))
         layer.bias.copy_(_tensor(bias) if bias is not None else torch.zeros(out_f))
@@ -81,19 +82,19 @@ def _constant_operand(n):
 @register_onnx_op("Add")
 def _add(n):
     _, c = _constant_operand(n)
-    return Elementwise(1.0, c)
+    return Elementwise(1.0, c, dtype=torch.float64)
 
 
 @register_onnx_op("Sub")
 def _sub(n):
     k, c = _constant_operand(n)
-    return Elementwise(1.0, -c) if k == 1 else Elementwise(-1.0, c)
+    return Elementwise(1.0, -c, dtype=torch.float64) if k == 1 else Elementwise(-1.0, c, dtype=torch.float64)
 
 
 @register_onnx_op("Mul")
 def _mul(n):
     _, c = _constant_operand(n)
-    return Elementwise(c, 0.0)
+    return Elementwise(c, 0.0, dtype=torch.float64)
 
 
 @register_onnx_op("Div")
@@ -101,7 +102,7 @@ def _div(n):
     k, c = _constant_operand(n)
     if k != 1:
         raise ValueError("Div of a constant by a computed value")
-    return Elementwise(1.0 / c, 0.0)
+    return Elementwise(1.0 / c, 0.0, dtype=torch.float64)
 
 
 for _name, _module in {"Relu": nn.ReLU, "Sigmoid": nn.Sigmoid, "Tanh": nn.Tanh}.items():
@@ -146,7 +147,8 @@ def _conv(n):
         raise ValueError("Conv that is not 2-d")
     conv = nn.Conv2d(w.shape[1] * n.attrs.get("group", 1), w.shape[0], w.shape[2:],
                      stride=_pair(n.attrs.get("strides"), 1), padding=_symmetric_pads(n),
-                     dilation=_pair(n.attrs.get("dilations"), 1), groups=n.attrs.get("group", 1))
+                     dilation=_pair(n.attrs.get("dilations"), 1), groups=n.attrs.get("group", 1),
+                     dtype=torch.float64)
     with torch.no_grad():
         conv.weight.copy_(_tensor(w))
         conv.bias.copy_(_tensor(b) if b is not None else torch.zeros(w.shape[0]))
@@ -159,7 +161,7 @@ def _batchnorm(n):
     # in eval mode batch norm is an affine map per channel
     factor = scale / np.sqrt(var + n.attrs.get("epsilon", 1e-5))
     shape = (-1,) + (1,) * (n.rank - 1)
-    return Elementwise(factor.reshape(shape), (bias - mean * factor).reshape(shape))
+    return Elementwise(factor.reshape(shape), (bias - mean * factor).reshape(shape), dtype=torch.float64)
 
 
 def _pool(cls, n):
@@ -227,7 +229,20 @@ def onnx_to_torch(model):
     if problems:
         raise UnsupportedOperationError(problems, what="the ONNX importer",
                                         hint="export the model as a chain of the supported ops")
-    return Network(_fold_biases(layers), input_shape)
+    return Network(_fold_biases(layers), input_shape).to(_compute_dtype(graph, consts))
+
+
+_ONNX_DTYPES = {1: torch.float32, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
+
+
+def _compute_dtype(graph, consts):
+    """The dtype the ONNX model computes in: its input's element type."""
+    inputs = [i for i in graph.input if i.name not in consts]
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem not in _ONNX_DTYPES:
+        raise CheckpointError(f"ONNX input of element type {elem}: diffprobe reads float32, float16, "
+                              "bfloat16 and float64 models")
+    return _ONNX_DTYPES[elem]
 
 
 def _fold_biases(layers):

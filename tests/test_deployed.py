@@ -270,3 +270,41 @@ def test_rounding_of_models_that_are_not_chains_is_bounded(seed, kind, norm, act
     cert = dp.certify(model, copy_, region, method="crown", search_steps=10)
     assert native_max(model, copy_, region, ELEMENTWISE, n=500, steps=15) <= cert.bound
     assert cert.bound < float("inf") or kind == "bf16"  # bf16 layer norms may be unbounded: 8 bits
+
+
+def test_qat_fake_quantised_models_are_bounded_and_live_observers_declined():
+    import torch.ao.quantization as tq
+    import warnings
+    model = random_network([5, 10, 8, 3], 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = nn.Sequential(tq.QuantStub(), *copy.deepcopy(model), tq.DeQuantStub()).train()
+        qat.qconfig = tq.get_default_qat_qconfig("x86")
+        qat = tq.prepare_qat(qat)
+        qat(torch.rand(64, 5))
+    qat.eval()
+    region = dp.LinfBall(torch.rand(5, dtype=torch.float64), 0.1)
+    live = dp.certify(model, qat, region, search_steps=5)
+    assert live.bound == float("inf") and any("observes" in n for n in live.notes)
+    qat.apply(tq.disable_observer)
+    cert = dp.certify(model, qat, region, search_steps=10)
+    assert native_max(model, qat, region, ELEMENTWISE, n=500, steps=15) <= cert.bound < float("inf")
+    assert cert.arithmetic["model_b"].startswith("int8")
+
+
+def test_an_fp16_onnx_model_runs_and_is_bounded_in_fp16(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+    proto = onnx.load(str(shared("acasxu/ACASXU_run2a_1_1_batch_2000.onnx")))
+    for init in proto.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(proto, str(tmp_path / "half.onnx"))
+    half = dp.load_model(tmp_path / "half.onnx")
+    full = dp.load_model(shared("acasxu/ACASXU_run2a_1_1_batch_2000.onnx"))
+    assert next(half.parameters()).dtype == torch.float16
+    region = dp.LinfBall(torch.zeros(1, 1, 5, dtype=torch.float64), 0.05)
+    cert = dp.certify(full, half, region, search_steps=10)
+    assert cert.arithmetic == {"model_a": "fp32", "model_b": "fp16"}
+    assert native_max(full, half, region, ELEMENTWISE, n=500, steps=15) <= cert.bound
