@@ -6,7 +6,7 @@ difference over a whole input region (an upper bound). Both take the same few pl
 __version__ = "0.1.0"
 
 from .differences import DIFFERENCES, Difference, get_difference, register_difference
-from .errors import (CheckpointError, DataError, DiffprobeError, RegionError, ShapeMismatchError,
+from .errors import (CheckpointError, DataError, DiffprobeError, OutputError, RegionError, ShapeMismatchError,
                      UnsafeCheckpointError, UnsupportedOperationError)
 from .graph import compose
 from .loading import load_model
@@ -26,4 +26,4 @@ __all__ = ["search", "dream", "certify", "drift", "stability", "structural_stabi
            "box_from_vnnlib", "Difference", "DIFFERENCES", "get_difference", "register_difference",
            "SearchResult", "Certificate", "Verdict", "DiffprobeError", "CheckpointError",
            "UnsafeCheckpointError", "ShapeMismatchError", "RegionError", "UnsupportedOperationError",
-           "DataError"]
+           "DataError", "OutputError"]

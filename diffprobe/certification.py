@@ -111,6 +111,9 @@ def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, 
     return lower, upper, spec.scalar(lower, upper)
 
 
+METHOD_NAMES = ["auto", *METHODS]
+
+
 def methods_for(method, problem, optimise):
     """`auto`: CROWN, plus the differential bounds when the two layer structures match (the
     intersection is never looser than either), plus with `optimise` an optimised pass
@@ -160,6 +163,8 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
                                                             not time_budget, arithmetic, arithmetic_b)
     witness = search_pair(deployment.pair, diff, region, surrogate=deployment.surrogate, steps=search_steps,
                           restarts=search_restarts, seed=seed, threshold=threshold)
+    if witness.interrupted:  # nothing is certified yet: stop at once
+        raise KeyboardInterrupt
     warn_masking(witness.warnings)
     # the costlier methods run only while they can change the answer: until the bound reaches the
     # threshold (when the witness does not exceed it), else until the gap is within tolerance
@@ -222,6 +227,7 @@ class BranchAndBound:
         self.pruned_upper = torch.full_like(self.upper[0], -_INF)
         self.pruned_max, self.branches = -_INF, 1
         self.per_split = None  # seconds per split in the last step
+        self.interrupted = False
         self.engine = differential_engine(problem) if "differential" in methods else None
         self.sensitivity = (None if self.engine is None else
                             sum(w.abs().sum(0) for w in self.engine.first_weights))
@@ -346,6 +352,7 @@ class BranchAndBound:
                     bar.update(1)
             except KeyboardInterrupt:
                 self.notes.append("interrupted: the bound so far is reported")
+                self.interrupted = True
 
     def certificate(self, method, threshold, seed, seconds):
         lower = torch.minimum(self.lower.amin(0), self.pruned_lower) if len(self.scores) else self.pruned_lower
@@ -367,4 +374,5 @@ class BranchAndBound:
             bound=bound, found=self.found, gap_ratio=gap, verdict=verdict_of(bound, self.found, threshold),
             threshold=threshold, seconds=seconds, seed=seed, witness=self.witness.tolist(),
             branches=self.branches, region=self.region.to_dict(), notes=notes,
-            provenance=provenance(seed, torch_dtype="float64"), arithmetic=self.problem.deployment.arithmetic)
+            provenance=provenance(seed, torch_dtype="float64"), arithmetic=self.problem.deployment.arithmetic,
+            interrupted=self.interrupted)

@@ -1,11 +1,13 @@
-"""The `diffprobe` command: parse, load, call the Python API, render, exit code.
+"""The `diffprobe` command: parse, check, load, call the Python API, render, exit code.
 
-Exit codes: 0 success / verified, 10 falsified, 5 unknown, 1 errors, 2 usage (click's).
+Exit codes: 0 success / verified, 10 falsified, 5 unknown, 1 errors, 2 usage (click's), 130
+interrupted. Every error is one line on stderr.
 """
 import contextlib
 import functools
 import json
 import math
+import os
 import sys
 import warnings
 
@@ -13,61 +15,109 @@ import click
 
 from . import __version__
 from .differences import DIFFERENCES
-from .errors import DiffprobeError, RegionError
+from .errors import DiffprobeError
 from .results import Verdict
 
 EXIT = {None: 0, Verdict.VERIFIED: 0, Verdict.FALSIFIED: 10, Verdict.UNKNOWN: 5}
-METHOD_CHOICES = ["auto", "ibp", "crown", "alpha-crown", "differential", "alpha-differential"]
+
+# the library speaks in API terms; on the command line they read as flags
+_CLI_TERMS = {"trust=True": "--trust", "force=True": "--force", "arch_kwargs=": "--arch-kwargs",
+              "arch=": "--arch ", "eps=": "--eps ", "clip=": "--clip ", "heldout=": "--data ",
+              "trainer=": "--trainer ", "threshold=": "--threshold ", "resume": "--resume"}
+
+
+def _in_cli_terms(message):
+    for api, flag in _CLI_TERMS.items():
+        message = message.replace(api, flag)
+    return message.replace("  ", " ")
 
 
 def _friendly(fn):
-    """User mistakes become one line on stderr and exit 1; Ctrl-C exits 130."""
+    """Errors become one line on stderr (exit 1), Ctrl-C exits 130 quietly (a second Ctrl-C too);
+    anything unexpected is one line as well (DIFFPROBE_DEBUG=1 shows the traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DiffprobeError as exc:
-            click.echo(f"diffprobe: error: {exc}", err=True)
-            sys.exit(1)
+            _fail(f"diffprobe: error: {_in_cli_terms(str(exc))}", 1)
         except KeyboardInterrupt:
-            click.echo("diffprobe: interrupted", err=True)
-            sys.exit(130)
+            _fail("diffprobe: interrupted", 130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("DIFFPROBE_DEBUG"):
+                raise
+            _fail(f"diffprobe: error: unexpected {type(exc).__name__}: {str(exc)[:300]} (a bug: please report "
+                  "it; DIFFPROBE_DEBUG=1 shows where)", 1)
     return wrapper
 
 
-def model_options(fn):
-    options = [
-        click.argument("model_a", type=click.Path(dir_okay=False)),
-        click.argument("model_b", type=click.Path(dir_okay=False)),
-        click.option("--arch", help="architecture for state_dict/safetensors files: module:factory or file.py:factory"),
-        click.option("--arch-b", help="architecture for MODEL_B when it differs from --arch"),
-        click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the factory"),
-        click.option("--trust", is_flag=True, help="allow files that can run code when loaded (pickled modules, .pt2)"),
-        click.option("--normalize", is_flag=True, help="apply NNet files' input/output normalisation"),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _fail(line, code):
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting changes nothing
+    click.echo(" ".join(line.split()), err=True)
+    sys.exit(code)
 
 
-def region_options(fn):
-    options = [
-        click.option("--vnnlib", type=click.Path(dir_okay=False), help="input box of a VNN-LIB property"),
-        click.option("--center", type=click.Path(dir_okay=False), help="ball centre (.npy/.npz/.pt/.safetensors)"),
-        click.option("--index", type=int, default=0, show_default=True, help="row of --center when it holds several points"),
-        click.option("--eps", type=float, help="ball radius (with --center)"),
-        click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True),
-        click.option("--clip", type=float, nargs=2, help="valid input range LO HI"),
-        click.option("--box", type=float, nargs=2, help="box LO HI applied to every input"),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+class Number(click.ParamType):
+    """A finite number, at least (or above) `low`."""
+
+    name = "number"
+
+    def __init__(self, low=None, above=False):
+        self.low, self.above = low, above
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        if self.low is not None and (number < self.low or (self.above and number == self.low)):
+            self.fail(f"{value} must be {'>' if self.above else '>='} {self.low:g}", param, ctx)
+        return number
+
+
+FINITE, NON_NEGATIVE, POSITIVE = Number(), Number(0.0), Number(0.0, above=True)
+AT_LEAST_ONE = click.IntRange(min=1)
+
+
+def _options(*options):
+    def wrap(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return wrap
+
+
+model_options = _options(
+    click.argument("model_a", type=click.Path(dir_okay=False)),
+    click.argument("model_b", type=click.Path(dir_okay=False)),
+    click.option("--arch", help="architecture for state_dict/safetensors files: module:factory or file.py:factory "
+                 "(runs that module's code)"),
+    click.option("--arch-b", help="architecture for MODEL_B when it differs from --arch"),
+    click.option("--arch-kwargs", default=None, help="JSON keyword arguments for the factory"),
+    click.option("--trust", is_flag=True, help="allow files that can run code when loaded (pickled modules, .pt2)"),
+    click.option("--normalize", is_flag=True, help="apply NNet files' input/output normalisation"),
+)
+
+region_options = _options(
+    click.option("--vnnlib", type=click.Path(dir_okay=False), help="input box of a VNN-LIB property"),
+    click.option("--center", type=click.Path(dir_okay=False), help="ball centre (.npy/.npz/.pt/.safetensors)"),
+    click.option("--index", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="row of --center when it holds several points"),
+    click.option("--eps", type=NON_NEGATIVE, help="ball radius (with --center)"),
+    click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True),
+    click.option("--clip", type=FINITE, nargs=2, help="valid input range LO HI"),
+    click.option("--box", type=FINITE, nargs=2, help="box LO HI applied to every input"),
+)
 
 
 def common_options(fn):
     from .deployment import ARITHMETICS
-    options = [
+    return _options(
         click.option("--difference", type=click.Choice(list(DIFFERENCES)), default="elementwise", show_default=True),
         click.option("--arithmetic", type=click.Choice(ARITHMETICS), default="native", show_default=True,
                      help="what the models run in: native (as loaded: fp16 in fp16, int8 as int8), exact "
@@ -79,10 +129,7 @@ def common_options(fn):
         click.option("--quiet", is_flag=True, help="no progress on stderr"),
         click.option("--mlflow", "to_mlflow", is_flag=True,
                      help="also log the result to MLflow (active tracking settings)"),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    )(fn)
 
 
 def load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize):
@@ -91,21 +138,29 @@ def load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize):
     return load_model(model_a, arch=arch, **kw), load_model(model_b, arch=arch_b or arch, **kw)
 
 
+def check_region_options(vnnlib, center, eps, box):
+    """Usage mistakes in the region options, before anything is loaded."""
+    given = [name for name, v in (("--vnnlib", vnnlib), ("--center", center), ("--box", box)) if v]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one region: --vnnlib FILE, --center FILE --eps E, or --box LO HI"
+                               + (f" (got {', '.join(given)})" if given else ""))
+    if center and eps is None:
+        raise click.UsageError("--center needs --eps E (the ball radius)")
+    if box and box[0] > box[1]:
+        raise click.UsageError(f"--box LO HI needs LO <= HI (got {box[0]:g} > {box[1]:g})")
+
+
 def make_region(model_a, model_b, vnnlib, center, index, eps, norm, clip, box):
     import torch
     from .data import load_tensor
+    from .errors import RegionError
     from .graph import common_input_shape
     from .regions import Box, ball, box_from_vnnlib
-    given = [name for name, v in (("--vnnlib", vnnlib), ("--center", center), ("--box", box)) if v]
-    if len(given) != 1:
-        raise RegionError("give exactly one region: --vnnlib FILE, --center FILE --eps E, or --box LO HI")
     if vnnlib:
         return box_from_vnnlib(vnnlib)
     if box:
         shape = common_input_shape(model_a, model_b)
         return Box(torch.full(shape, box[0], dtype=torch.float64), torch.full(shape, box[1], dtype=torch.float64))
-    if eps is None:
-        raise RegionError("--center needs --eps E (the ball radius)")
     points = load_tensor(center)
     shape = common_input_shape(model_a, model_b)
     n = math.prod(shape)
@@ -117,6 +172,30 @@ def make_region(model_a, model_b, vnnlib, center, index, eps, norm, clip, box):
     return ball(points.reshape(shape).double(), eps, norm, clip)
 
 
+def check_threshold(threshold, difference):
+    """A difference that cannot be negative has no use for a negative threshold."""
+    if threshold is not None and threshold < 0 and difference not in ("top1", "dlr"):
+        raise click.UsageError(f"--threshold {threshold:g} is negative, but the {difference} difference is "
+                               "never negative; give a threshold >= 0")
+
+
+def _is_npy(path):
+    with open(path, "rb") as handle:
+        return handle.read(6) == b"\x93NUMPY"
+
+
+def _input_files(model_a, model_b, arch, arch_b, *others):
+    """Files a run reads (so its --out may not be one of them)."""
+    arch_files = [spec.rpartition(":")[0] for spec in (arch, arch_b) if spec and ".py:" in spec]
+    return [model_a, model_b, *arch_files, *others]
+
+
+def check_out(out, inputs, force, recognised=None):
+    from .outputs import check_output, is_result
+    if out:
+        check_output(out, inputs, recognised or is_result, force)
+
+
 def emit(result, as_json, text, to_mlflow=False):
     if to_mlflow:
         from .tracking import log_to_mlflow
@@ -124,10 +203,32 @@ def emit(result, as_json, text, to_mlflow=False):
     click.echo(result.to_json() if as_json else text)
 
 
-@click.group()
+class _OneLineGroup(click.Group):
+    """click, with its usage errors (exit 2) and its other refusals as one line on stderr instead
+    of the usage block, and Ctrl-C during parsing as exit 130."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            command = f" {exc.ctx.command_path.split(' ', 1)[1]}" if exc.ctx and " " in exc.ctx.command_path else ""
+            _fail(f"diffprobe: usage: {exc.format_message()} (diffprobe{command} --help lists the options)", 2)
+        except click.ClickException as exc:
+            _fail(f"diffprobe: error: {exc.format_message()}", exc.exit_code)
+        except click.exceptions.Abort:
+            _fail("diffprobe: interrupted", 130)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_OneLineGroup)
 @click.version_option(__version__, prog_name="diffprobe")
 def main():
-    """How differently can two neural networks behave? Witnesses by search, bounds by certification."""
+    """How differently can two neural networks behave? Witnesses by search, bounds by certification.
+
+    Loading runs no code from a checkpoint unless --trust is given (pickled modules, .pt2);
+    --arch and --trainer name Python code that is imported and run."""
     warnings.showwarning = _one_line_warning
 
 
@@ -138,100 +239,126 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     if issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)) or \
             _inside(filename, "torch") or _inside(filename, "torchao"):
         return
-    click.echo(f"diffprobe: warning: {message}", err=True)
+    click.echo(f"diffprobe: warning: {' '.join(str(message).split())}", err=True)
 
 
 def _inside(filename, package):
-    import os
     return f"{os.sep}site-packages{os.sep}{package}{os.sep}" in str(filename)
+
+
+force_option = click.option("--force", is_flag=True, help="overwrite an existing --out file diffprobe did not write")
 
 
 @main.command()
 @model_options
 @region_options
 @common_options
-@click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--restarts", type=int, default=8, show_default=True)
-@click.option("--threshold", type=float, help="stop early once exceeded; exit 10 if it is")
+@click.option("--steps", type=AT_LEAST_ONE, default=100, show_default=True)
+@click.option("--restarts", type=AT_LEAST_ONE, default=8, show_default=True)
+@click.option("--threshold", type=FINITE, help="stop early once exceeded; exit 10 if it is")
 @click.option("--save-witness", type=click.Path(dir_okay=False), help="write the witness as .npy")
 @click.option("--data", type=click.Path(exists=True),
               help="data file or folder: its points inside the region nearest a decision boundary start restarts")
+@force_option
 @_friendly
 def search(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
            norm, clip, box, difference, arithmetic, arithmetic_b, seed, as_json, quiet, to_mlflow, steps, restarts,
-           threshold, save_witness, data):
+           threshold, save_witness, data, force):
     """Find the input in a region where MODEL_A and MODEL_B disagree most."""
     from . import search as run_search
     from .report import search_text
+    check_region_options(vnnlib, center, eps, box)
+    check_threshold(threshold, difference)
+    check_out(save_witness, _input_files(model_a, model_b, arch, arch_b, center, vnnlib, data), force,
+              _is_npy)
     a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
     region = make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
     result = run_search(a, b, region, difference=difference, steps=steps, restarts=restarts, seed=seed,
                         threshold=threshold, data=data, arithmetic=arithmetic, arithmetic_b=arithmetic_b,
                         progress=not quiet)
     if save_witness:
+        import io
         import numpy as np
-        np.save(save_witness, result.witness().numpy())
+        from .outputs import write_bytes
+        buffer = io.BytesIO()
+        np.save(buffer, result.witness().numpy())
+        write_bytes(save_witness, buffer.getvalue())
     emit(result, as_json, search_text(result), to_mlflow)
-    sys.exit(10 if threshold is not None and result.found > threshold else 0)
+    sys.exit(130 if result.interrupted else 10 if threshold is not None and result.found > threshold else 0)
+
+
+def data_options(fn):
+    return _options(
+        click.option("--data", type=click.Path(exists=True), help="certify around every point of a data file or folder"),
+        click.option("--labels", type=click.Path(dir_okay=False), help="labels for --data (else a 'y'/'labels' entry of it)"),
+        click.option("--top1", is_flag=True, help="certify top-1 label agreement around each point (threshold 0)"),
+        click.option("--jobs", type=AT_LEAST_ONE, default=1, show_default=True, help="worker processes for --data"),
+        click.option("--out", type=click.Path(dir_okay=False), help="write the result as JSON here (with --data, "
+                     "finished points also go to OUT's .jsonl while running)"),
+        click.option("--resume", is_flag=True, help="continue the --data run recorded next to --out"),
+        force_option,
+    )(fn)
 
 
 def _certify_command(name, doc, search_steps):
+    from .certification import METHOD_NAMES
+
     @main.command(name=name, help=doc)
     @model_options
     @region_options
     @common_options
-    @click.option("--method", type=click.Choice(METHOD_CHOICES), default="auto", show_default=True)
-    @click.option("--threshold", type=float, help="verdict: verified if bound <= T, falsified if a witness exceeds T")
-    @click.option("--time-budget", type=float, help="seconds for branch-and-bound (per point with --data; off without it)")
+    @click.option("--method", type=click.Choice(METHOD_NAMES), default="auto", show_default=True)
+    @click.option("--threshold", type=FINITE, help="verdict: verified if bound <= T, falsified if a witness exceeds T")
+    @click.option("--time-budget", type=POSITIVE,
+                  help="seconds for branch-and-bound (per point with --data; off without it)")
     @data_options
     @_friendly
     def command(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
                 norm, clip, box, difference, arithmetic, arithmetic_b, seed, as_json, quiet, to_mlflow, method,
-                threshold, time_budget, data, labels, top1, jobs, out, resume):
-        a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
+                threshold, time_budget, data, labels, top1, jobs, out, resume, force):
+        check_threshold(threshold, difference)
+        inputs = _input_files(model_a, model_b, arch, arch_b, center, vnnlib, data, labels)
         if data:
+            _check_drift_options(threshold, top1, resume, out, force, inputs)
+            a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
             return _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method,
                           time_budget, jobs, out, resume, seed, search_steps, as_json, quiet, to_mlflow,
                           arithmetic, arithmetic_b)
         if top1 or jobs > 1 or resume or labels:
-            raise RegionError("--top1, --jobs, --labels and --resume work with --data FILE")
+            raise click.UsageError("--top1, --jobs, --labels and --resume work with --data FILE")
+        check_region_options(vnnlib, center, eps, box)
+        check_out(out, inputs, force)
         from . import certify
         from .report import certificate_text
+        a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
         region = make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
         result = certify(a, b, region, difference=difference, method=method, threshold=threshold,
                          time_budget=time_budget, seed=seed, search_steps=search_steps, arithmetic=arithmetic,
                          arithmetic_b=arithmetic_b, progress=not quiet)
         _save(result, out)
         emit(result, as_json, certificate_text(result), to_mlflow)
-        sys.exit(EXIT[result.verdict])
+        sys.exit(130 if result.interrupted else EXIT[result.verdict])
     return command
 
 
-def data_options(fn):
-    options = [
-        click.option("--data", type=click.Path(exists=True), help="certify around every point of a data file or folder"),
-        click.option("--labels", type=click.Path(dir_okay=False), help="labels for --data (else a 'y'/'labels' entry of it)"),
-        click.option("--top1", is_flag=True, help="certify top-1 label agreement around each point (threshold 0)"),
-        click.option("--jobs", type=int, default=1, show_default=True, help="worker processes for --data"),
-        click.option("--out", type=click.Path(dir_okay=False), help="write the result as JSON here (with --data, "
-                     "finished points also go to OUT's .jsonl while running)"),
-        click.option("--resume", is_flag=True, help="continue the --data run recorded next to --out"),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _check_drift_options(threshold, top1, resume, out, force, inputs):
+    """Usage and output checks of a --data run, before it starts."""
+    from .checkpoint import is_checkpoint
+    from .outputs import check_output
+    if resume and not out:
+        raise click.UsageError("--resume needs --out FILE (the run to continue is recorded next to it)")
+    if threshold is None and not top1:
+        raise click.UsageError("--data needs --threshold T (or --top1)")
+    check_out(out, inputs, force)
+    if out:
+        check_output(checkpoint_path(out), inputs, is_checkpoint, force)
 
 
 def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method, time_budget, jobs,
            out, resume, seed, search_steps, as_json, quiet, to_mlflow, arithmetic="native", arithmetic_b=None):
-    import os
     from . import drift
     from .data import load_tensor
     from .report import drift_text
-    if resume and not out:
-        raise RegionError("--resume needs --out FILE (the run to continue is recorded next to it)")
-    if threshold is None and not top1:
-        raise RegionError("--data needs --threshold T (or --top1)")
     with process_pool(jobs) as executor:
         report = drift(a, b, data, labels=load_tensor(labels) if labels else None, eps=eps,
                        norm=norm, clip=clip, threshold=threshold, difference=difference, top1=top1,
@@ -244,19 +371,32 @@ def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, met
     sys.exit(130 if report.total > len(report.points) else EXIT[report.verdict])
 
 
+def _quiet_worker():
+    """Worker processes leave Ctrl-C to the parent, which cancels their work and ends them."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def process_pool(jobs):
     """A spawn process pool for --jobs N > 1 (workers import torch afresh rather than fork a
-    threaded parent), else None; pending jobs are cancelled on the way out."""
+    threaded parent), else None; on the way out pending jobs are cancelled, and after Ctrl-C the
+    workers are ended at once."""
     if jobs <= 1:
         yield None
         return
     import concurrent.futures
     import multiprocessing
-    executor = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    executor = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_quiet_worker)
     try:
         yield executor
-    finally:
+    except KeyboardInterrupt:
+        for process in list(getattr(executor, "_processes", {}).values()):  # no public way before 3.14
+            process.terminate()
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
         executor.shutdown(cancel_futures=True)
 
 
@@ -270,8 +410,8 @@ def checkpoint_path(out):
 
 def _save(result, out):
     if out:
-        with open(out, "w") as handle:
-            handle.write(result.to_json(indent=1))
+        from .outputs import write_text
+        write_text(out, result.to_json(indent=1))
 
 
 _certify_command("certify", "Bound how much MODEL_A and MODEL_B can differ over a region.", 50)
@@ -280,8 +420,8 @@ _certify_command("compare", "Search and certify in one report, with a larger sea
 
 @main.command()
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--eps", type=float, default=0.02, show_default=True)
-@click.option("--threshold", type=float, default=3.0, show_default=True, help="allowed logit drift")
+@click.option("--eps", type=NON_NEGATIVE, default=0.02, show_default=True)
+@click.option("--threshold", type=NON_NEGATIVE, default=3.0, show_default=True, help="allowed logit drift")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @_friendly
@@ -296,52 +436,56 @@ def demo(seed, eps, threshold, as_json, quiet):
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), default="report.html", show_default=True)
+@force_option
 @_friendly
-def report(files, out):
+def report(files, out, force):
     """Render saved results (--out JSON of search/certify/compare/stability, or a result's to_json())
     as one HTML page with figures; several drift reports at different eps also give the
     certified-bound-vs-eps curve."""
+    from .outputs import is_report, write_text
     from .report import html_report, load_result
+    check_out(out, files, force, is_report)
     results = [load_result(f) for f in files]
-    with open(out, "w") as handle:
-        handle.write(html_report(results))
+    write_text(out, html_report(results))
     click.echo(f"wrote {out}")
 
 
 @main.command()
 @click.option("--trainer", default="diffprobe.trainers:digits", show_default=True,
-              help="train(config) -> model, as module:function or path/file.py:function")
+              help="train(config) -> model, as module:function or path/file.py:function (runs that code)")
 @click.option("--axes", default="seed,bootstrap,lr", show_default=True,
               help="comma-separated: seed, data_order, bootstrap, lr, momentum, or KEY=V1:V2:... for a config key of yours")
-@click.option("--members", type=int, default=4, show_default=True, help="members per axis")
+@click.option("--members", type=click.IntRange(min=2), default=4, show_default=True, help="members per axis")
 @click.option("--data", type=click.Path(exists=True), help="held-out inputs (default: the trainer's heldout())")
-@click.option("--eps", type=float, default=0.05, show_default=True, help="radius of the worst-case balls")
+@click.option("--eps", type=NON_NEGATIVE, default=0.05, show_default=True, help="radius of the worst-case balls")
 @click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True)
-@click.option("--clip", type=float, nargs=2, default=(0.0, 1.0), show_default=True)
-@click.option("--regions", type=int, default=5, show_default=True, help="held-out points with a worst-case ball (0: sampled distances only)")
+@click.option("--clip", type=FINITE, nargs=2, default=(0.0, 1.0), show_default=True)
+@click.option("--regions", type=click.IntRange(min=0), default=5, show_default=True,
+              help="held-out points with a worst-case ball (0: sampled distances only)")
 @click.option("--rank-by", type=click.Choice(["kl", "js", "disagreement", "found", "certified"]), default="js", show_default=True)
-@click.option("--jobs", type=int, default=1, show_default=True, help="worker processes for training")
+@click.option("--jobs", type=AT_LEAST_ONE, default=1, show_default=True, help="worker processes for training")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), help="write the study as JSON; trained members go to OUT's .members folder")
 @click.option("--resume", is_flag=True, help="reuse the members already trained for --out")
+@force_option
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @_friendly
-def stability(trainer, axes, members, data, eps, norm, clip, regions, rank_by, jobs, seed, out, resume,
+def stability(trainer, axes, members, data, eps, norm, clip, regions, rank_by, jobs, seed, out, resume, force,
               as_json, quiet):
     """How far apart do models trained with perturbed initial conditions land? Trains MEMBERS
     models per axis, measures pairwise distances, ranks the axes by spread."""
-    import shutil
     from pathlib import Path
     from . import stability as run_study
     from .report import stability_text
+    from .stability import members_folder
     if resume and not out:
-        raise RegionError("--resume needs --out FILE (the members are kept next to it)")
-    members_dir = Path(out).with_suffix(".members") if out else None
-    if members_dir and members_dir.exists() and not resume:
-        shutil.rmtree(members_dir)
+        raise click.UsageError("--resume needs --out FILE (the members are kept next to it)")
+    axes = parse_axes(axes)
+    check_out(out, [data, trainer.rpartition(":")[0]], force)
+    members_dir = members_folder(Path(out).with_suffix(".members"), fresh=not resume) if out else None
     with process_pool(jobs) as executor:
-        study = run_study(trainer, axes=parse_axes(axes), members=members, heldout=data, eps=eps, norm=norm,
+        study = run_study(trainer, axes=axes, members=members, heldout=data, eps=eps, norm=norm,
                           clip=clip, regions=regions, rank_by=rank_by, executor=executor,
                           members_dir=members_dir, seed=seed, progress=not quiet)
     _save(study, out)
@@ -358,7 +502,7 @@ def parse_axes(text):
         else:
             axes.append(item)
     if not axes:
-        raise RegionError("--axes names no axis; e.g. --axes seed,bootstrap,lr")
+        raise click.UsageError("--axes names no axis; e.g. --axes seed,bootstrap,lr")
     return axes
 
 

@@ -9,11 +9,9 @@ interrupted run keeps its work and `resume=True` continues it.
 """
 import concurrent.futures
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -25,10 +23,10 @@ from .errors import DataError, RegionError
 from .graph import compose
 from .progress import progress_bar
 from .regions import L2Ball, ball
-from .results import DriftReport, Verdict, json_safe, provenance
+from .checkpoint import Checkpoint
+from .results import DriftReport, Verdict, provenance
 from .search import MASKING, search_pair
 
-_CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -87,38 +85,40 @@ def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, diffe
     settings = DriftSettings(diff.name, threshold, method, time_budget_per_point, search_steps,
                              search_restarts, seed, eps, str(norm), list(clip) if clip else None,
                              arithmetic, arithmetic_b)
-    header = {"diffprobe_drift": _CHECKPOINT_VERSION, "settings": asdict(settings), "points": len(regions),
-              "data": _fingerprint(regions)}
-    done = _read_checkpoint(checkpoint, header) if resume else {}
-    _start_checkpoint(checkpoint, header, done)
+    record = Checkpoint(checkpoint, asdict(settings), len(regions), _fingerprint(regions))
+    done = record.resume() if resume else {}
+    record.start(done)
     todo = [i for i in range(len(regions)) if i not in done]
     jobs = [Job(model_a, model_b, [regions[i] for i in todo[s:s + chunk_size]], todo[s:s + chunk_size],
                 settings, threads_per_job) for s in range(0, len(todo), chunk_size)]
     records, notes = dict(done), []
     with progress_bar(progress, len(regions), desc="drift") as bar:
         bar.update(len(done))
+
+        def finished(points):  # each point is kept as soon as it is done
+            record.append(points)
+            records.update((p["index"], p) for p in points)
+            bar.update(len(points))
         try:
-            for chunk in _run(jobs, executor):
-                _append(checkpoint, chunk)
-                records.update((r["index"], r) for r in chunk)
-                bar.update(len(chunk))
-        except KeyboardInterrupt:
+            _run(jobs, executor, finished)
+        except KeyboardInterrupt:  # the point in progress is dropped, never recorded half done
             notes.append(f"interrupted: {len(records)} of {len(regions)} points finished"
                          + (f"; resume from {checkpoint}" if checkpoint else ""))
     labels_of = deploy(model_a, model_b, regions[:1], arithmetic, arithmetic_b).arithmetic
     return _report(regions, records, labels, sources, settings, notes, time.perf_counter() - t0, labels_of)
 
 
-def _run(jobs, executor):
-    """Chunk results as they finish: in this process, or through the executor."""
+def _run(jobs, executor, finished):
+    """Run the chunks, handing finished points to `finished`: point by point in this process,
+    chunk by chunk through the executor."""
     if executor is None:
         for job in jobs:
-            yield run_chunk(job)
+            run_chunk(job, lambda point: finished([point]))
         return
     futures = [executor.submit(run_chunk, job) for job in jobs]
     try:
         for future in concurrent.futures.as_completed(futures):
-            yield future.result()
+            finished(future.result())
     finally:
         for future in futures:
             future.cancel()
@@ -136,8 +136,9 @@ def _regions(model_a, model_b, points, eps, norm, clip):
     return [ball(p.reshape(shape), eps, norm, clip) for p in points]
 
 
-def run_chunk(job):
-    """Per-point records for a chunk of regions (the executor's job function)."""
+def run_chunk(job, finished=None):
+    """Per-point records for a chunk of regions (the executor's job function); `finished(record)`
+    is called as each point is done."""
     if job.threads:
         torch.set_num_threads(job.threads)
     s = job.settings
@@ -164,6 +165,8 @@ def run_chunk(job):
                       label_b=int(b[i].argmax()) if classes else None,
                       seconds=record["seconds"] + time.perf_counter() - t0)
         records.append(record)
+        if finished is not None:
+            finished(record)
     return records
 
 
@@ -219,9 +222,13 @@ def _point(deployment, diff, problem, spec, methods, region, initial, at_center,
         return record
     witness = search_pair(deployment.pair, diff, region, surrogate=deployment.surrogate, steps=s.search_steps,
                           restarts=s.search_restarts, seed=s.seed, threshold=s.threshold)
+    if witness.interrupted:  # a verdict the interrupt changed is never recorded
+        raise KeyboardInterrupt
     state = BranchAndBound(problem, spec, methods, region, diff, witness, initial, auto=s.method == "auto")
     if s.time_budget and region.norm != 2.0 and methods:
         state.run(time.perf_counter() + s.time_budget, s.threshold, 0.05, False)
+        if state.interrupted:
+            raise KeyboardInterrupt
     cert = state.certificate("", s.threshold, s.seed, 0.0)
     verdict = cert.verdict.value if cert.verdict else None
     record.update(bound=cert.bound, found=cert.found, witness=cert.witness, branches=cert.branches,
@@ -236,47 +243,6 @@ def _fingerprint(regions):
         for t in r.bounding_box():
             digest.update(t.to(torch.float64).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def _read_checkpoint(path, header):
-    """Finished points of an earlier run with the same settings and data, by index."""
-    if path is None or not Path(path).exists():
-        return {}
-    lines = Path(path).read_text().splitlines()
-    if _parsed(lines[0] if lines else "") != json.loads(json.dumps(header)):
-        raise DataError(f"{path} was written by a run with other settings or data; remove it or "
-                        "drop --resume to start over")
-    # a line cut short by a crash parses to nothing: that point runs again
-    records = [_parsed(line) for line in lines[1:]]
-    for r in records:  # JSON has no inf: an unbounded point was written with a null bound
-        if "bound" in r and r["bound"] is None:
-            r["bound"] = float("inf")
-    return {r["index"]: r for r in records if "index" in r}
-
-
-def _parsed(line):
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _start_checkpoint(path, header, done):
-    if path is None:
-        return
-    with open(path, "w") as handle:  # rewritten whole, so a torn last line is dropped
-        for line in [header, *done.values()]:
-            handle.write(json.dumps(json_safe(line), allow_nan=False) + "\n")
-
-
-def _append(path, records):
-    if path is None:
-        return
-    with open(path, "a") as handle:
-        for record in records:
-            handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
-        handle.flush()
 
 
 def _overall(counts, total, threshold):

@@ -32,3 +32,7 @@ class UnsupportedOperationError(DiffprobeError):
 
 class DataError(DiffprobeError):
     """A data file is empty, malformed, or does not match the models."""
+
+
+class OutputError(DiffprobeError):
+    """A result cannot be written where asked without harming other files."""

@@ -46,7 +46,7 @@ def common_input_shape(model_a, model_b, region_shape=None):
         shapes.append(tuple(region_shape))
     if not shapes:
         raise ShapeMismatchError("cannot tell the models' input shape; give a region with a shape "
-                                 "(--center FILE or --vnnlib FILE)")
+                                 "(a region, or an input_shape attribute on the model)")
     for s in shapes[1:]:
         if _squeezed(s) != _squeezed(shapes[0]):
             raise ShapeMismatchError(

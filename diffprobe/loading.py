@@ -42,7 +42,7 @@ def sniff_format(path):
         return "onnx"
     raise CheckpointError(
         f"{path}: unknown model format; diffprobe reads ONNX, NNet, safetensors, torch state_dicts "
-        "(with --arch), and with --trust pickled modules and torch.export .pt2 files")
+        "(with arch=), and with trust=True pickled modules and torch.export .pt2 files")
 
 
 def load_model(path, *, arch=None, arch_kwargs=None, trust=False, normalize=False):
@@ -95,7 +95,7 @@ def _load_pt2(path, trust):
     if not trust:
         raise UnsafeCheckpointError(
             f"{path} is a torch.export archive, and loading one can run arbitrary code "
-            "(torch.export.load falls back to unrestricted unpickling); pass --trust (trust=True) "
+            "(torch.export.load falls back to unrestricted unpickling); pass trust=True "
             "only if you trust its source, or save a state_dict / ONNX instead")
     try:
         return torch.export.load(str(path)).module()
@@ -112,7 +112,7 @@ def _load_weights(path, kind, arch, arch_kwargs, trust):
     if arch is None:
         raise CheckpointError(
             f"{path} holds only weights (a state_dict); give the architecture with "
-            "--arch module:factory or --arch path/to/file.py:factory")
+            "arch='module:factory' or arch='path/to/file.py:factory'")
     model = build_arch(arch, arch_kwargs)
     _load_state(model, _state_dict_of(obj), path)
     return model
@@ -136,7 +136,7 @@ def _read_torch(path, trust):
         if not trust:
             raise UnsafeCheckpointError(
                 f"{path} holds pickled Python objects beyond tensors (e.g. a whole module), which can "
-                "run arbitrary code when loaded; pass --trust (trust=True) only if you trust its "
+                "run arbitrary code when loaded; pass trust=True only if you trust its "
                 "source, or save model.state_dict() instead") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
@@ -166,12 +166,12 @@ def _load_state(model, state, path):
                 model.load_state_dict(stripped, assign=True)
             except (RuntimeError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{path} does not fit the architecture ({str(exc)[:300]}); check "
-                                      "--arch and its kwargs") from exc
+                                      "arch= and arch_kwargs=") from exc
             return
     missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
     raise CheckpointError(
         f"{path} does not fit the architecture: missing {missing[:5]}, unexpected {extra[:5]}; "
-        "check --arch and its kwargs")
+        "check arch= and arch_kwargs=")
 
 
 def _stripped(state, prefix):
@@ -185,29 +185,56 @@ def _stripped(state, prefix):
     return out
 
 
-def resolve_callable(spec, option="--arch"):
-    """The object named by 'pkg.module:name' or 'path/file.py:name'."""
-    if not isinstance(spec, str) or ":" not in spec:
-        raise CheckpointError(f"{option} '{spec}' must look like module:name or path/file.py:name")
-    where, name = spec.rsplit(":", 1)
+def resolve_callable(spec, option="arch"):
+    """The object named by 'pkg.module:name' or 'path/file.py:name'. This runs the module's code:
+    only name code you trust. A file may import modules beside it (its folder is searched first
+    while it loads)."""
+    where, _, name = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
+    if not where or not name.isidentifier():
+        raise CheckpointError(f"{option}='{spec}' must look like module:name or path/file.py:name")
     try:
-        if where.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
+        module = _module_at(where) if where.endswith(".py") else importlib.import_module(where)
         return getattr(module, name)
-    except (ImportError, FileNotFoundError, AttributeError) as exc:
-        raise CheckpointError(f"{option} '{spec}': cannot find it ({exc})") from exc
+    except (ImportError, OSError, AttributeError) as exc:
+        raise CheckpointError(f"{option}='{spec}': cannot find it ({exc})") from exc
+    except SyntaxError as exc:
+        raise CheckpointError(f"{option}='{spec}': {exc.filename} line {exc.lineno}: {exc.msg}") from exc
+    except Exception as exc:  # the module's own code failed while loading
+        raise CheckpointError(f"{option}='{spec}': loading it raised {type(exc).__name__}: {exc}") from exc
+
+
+def _module_at(path):
+    import sys
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path}")
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
 
 
 def build_arch(spec, kwargs=None):
-    """Call the factory named by 'pkg.module:factory' or 'path/file.py:factory'."""
+    """Call the factory named by 'pkg.module:factory' or 'path/file.py:factory' with `kwargs` (a
+    dict or a JSON object)."""
     factory = resolve_callable(spec)
     if isinstance(kwargs, str):
-        kwargs = json.loads(kwargs)
-    model = factory(**(kwargs or {}))
+        try:
+            kwargs = json.loads(kwargs)
+        except ValueError as exc:
+            raise CheckpointError(f"arch_kwargs is not valid JSON ({exc}); give an object such as "
+                                  "'{\"hidden\": 32}'") from exc
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise CheckpointError(f"arch_kwargs must be a JSON object of keyword arguments, not {type(kwargs).__name__}")
+    try:
+        model = factory(**(kwargs or {}))
+    except Exception as exc:  # wrong keyword arguments, or the factory's own error
+        raise CheckpointError(f"arch='{spec}' failed with these arguments: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
-        raise CheckpointError(f"--arch '{spec}' returned a {type(model).__name__}, not an nn.Module")
+        raise CheckpointError(f"arch='{spec}' returned a {type(model).__name__}, not an nn.Module")
     return model

@@ -101,12 +101,12 @@ def _clip_box(center, clip):
 
 def _check_ball(center, eps, clip):
     if not math.isfinite(eps) or eps < 0:
-        raise RegionError(f"eps must be a finite number >= 0, got {eps}; pass e.g. --eps 0.01")
+        raise RegionError(f"eps must be a finite number >= 0, got {eps}; pass e.g. eps=0.01")
     lo, hi = _clip_box(center, clip)
     if (lo > hi).any():
         raise RegionError("clip range is empty: LO > HI")
     if ((center < lo) | (center > hi)).any():
-        raise RegionError("the center lies outside the --clip range; clip the center first or widen --clip")
+        raise RegionError("the center lies outside the clip= range; clip the center first or widen clip=")
 
 
 @dataclass(frozen=True, eq=False)

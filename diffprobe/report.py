@@ -17,7 +17,7 @@ def search_text(result):
 
 
 def certificate_text(cert):
-    verdict = cert.verdict.value if cert.verdict else "- (no --threshold)"
+    verdict = cert.verdict.value if cert.verdict else "- (no threshold)"
     lines = [f"difference   {cert.difference}",
              f"method       {cert.method}",
              f"found        {_fmt(cert.found)}  (witness: a lower bound on the worst case)",
@@ -94,7 +94,7 @@ def load_result(path):
                 return cls.from_json(text)
             except TypeError as exc:
                 raise DataError(f"{path} looks like a {cls.__name__} but misses fields ({exc})") from exc
-    raise DataError(f"{path} is not a diffprobe result; save one with --out or result.to_json()")
+    raise DataError(f"{path} is not a diffprobe result; save one with result.to_json() (the CLI's --out)")
 
 
 def html_report(results):

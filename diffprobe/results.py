@@ -108,6 +108,7 @@ class SearchResult(_Result):
     warnings: list = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     arithmetic: dict = field(default_factory=dict)  # model_a / model_b: what the models ran in
+    interrupted: bool = False  # Ctrl-C stopped the search: the best point so far
 
     def __repr__(self):
         return (f"SearchResult({self.difference}: found {self.found:.4g} after "
@@ -159,6 +160,7 @@ class Certificate(_Result):
     notes: list = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
     arithmetic: dict = field(default_factory=dict)  # model_a / model_b: what the bound covers
+    interrupted: bool = False  # Ctrl-C stopped branch-and-bound: the bound so far
 
     def __repr__(self):
         verdict = f", {self.verdict.value}" if self.verdict else ""

@@ -367,7 +367,9 @@ def search_pair(pair, diff, region, *, steps, restarts, seed, surrogate=None, th
                 trace += [max(trace[-1], v) for v in rtrace]
         except KeyboardInterrupt:
             notes.append("interrupted before the search finished: the best starting point is reported")
-            best_x, best = x0, torch.full((x0.shape[0],), float("-inf"), dtype=torch.float64)
+            result = witness_result(pair, diff, region, x0[0], evaluate.count, seed, trace,
+                                    time.perf_counter() - t0, notes)
+            return dataclasses.replace(result, interrupted=True)
     return witness_result(pair, diff, region, best_x[best.argmax()], evaluate.count, seed,
                           trace, time.perf_counter() - t0, notes)
 

@@ -10,6 +10,7 @@ import copy
 import itertools
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -52,12 +53,37 @@ def _axis_name(axis):
 
 def _train_member(trainer, config):
     """Executor job: one trained member (the trainer is a callable or 'module:function')."""
-    train = resolve_callable(trainer, "--trainer") if isinstance(trainer, str) else trainer
+    train = resolve_callable(trainer, "trainer") if isinstance(trainer, str) else trainer
     torch.manual_seed(0)  # trainers that forget to seed still get the same member twice
     model = train(dict(config))
     if not isinstance(model, nn.Module):
         raise DiffprobeError(f"the trainer returned a {type(model).__name__}, not an nn.Module")
     return model.eval()
+
+
+_MEMBERS_MARKER = ".diffprobe-members"
+_MEMBER_FILE = re.compile(r"[0-9a-f]{16}\.safetensors")
+
+
+def members_folder(folder, fresh):
+    """The folder of a study's trained members, made with a marker file; an existing folder must
+    carry that marker (diffprobe made it). `fresh`: the members saved there before are removed, and
+    nothing else (only files named as members, no link followed)."""
+    from .errors import OutputError
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise OutputError(f"{folder} exists and is not a folder diffprobe made; remove it or write the study elsewhere")
+    if not folder.exists():
+        folder.mkdir()
+        (folder / _MEMBERS_MARKER).write_text("trained members of a diffprobe stability study\n")
+        return folder
+    if not (folder / _MEMBERS_MARKER).is_file():
+        raise OutputError(f"{folder} was not made by diffprobe; remove it or write the study elsewhere")
+    if fresh:
+        for path in folder.iterdir():
+            if _MEMBER_FILE.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                path.unlink()
+    return folder
 
 
 class _MemberStore:
@@ -77,7 +103,8 @@ class _MemberStore:
     def get(self, key, config):
         if key in self.models:
             return self.models[key]
-        if self.folder and self.rebuild and self._path(key).exists():
+        path = self._path(key) if self.folder else None
+        if path is not None and self.rebuild and path.is_file() and not path.is_symlink():
             from safetensors.torch import load_file
             model = self.rebuild(dict(config))
             model.load_state_dict(load_file(str(self._path(key))))
@@ -87,12 +114,13 @@ class _MemberStore:
     def put(self, key, model):
         self.models[key] = model
         if self.folder and self.rebuild:
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(self._path(key)))
+            from safetensors.torch import save
+            from .outputs import write_bytes
+            write_bytes(self._path(key), save({k: v.contiguous() for k, v in model.state_dict().items()}))
 
 
 def _resolved(trainer):
-    return resolve_callable(trainer, "--trainer") if isinstance(trainer, str) else trainer
+    return resolve_callable(trainer, "trainer") if isinstance(trainer, str) else trainer
 
 
 def stability(trainer, *, axes=("seed", "bootstrap", "lr"), members=4, base=None, heldout=None,
@@ -145,7 +173,7 @@ def _jsonable(config):
 def _heldout(heldout, train):
     if heldout is None:
         if not hasattr(train, "heldout"):
-            raise DataError("give held-out inputs (--data FILE / heldout=...); this trainer has no heldout()")
+            raise DataError("give held-out inputs (heldout=); this trainer has no heldout()")
         heldout = train.heldout()
     if isinstance(heldout, (str, Path)):
         heldout = load_points(heldout)[0]

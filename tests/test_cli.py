@@ -106,14 +106,14 @@ def test_onnx_against_nnet_with_vnnlib(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--eps", "-0.1"], "eps must be"),
+    (["--eps", "-0.1"], "-0.1 must be >= 0"),
     ([], "exactly one region"),
     (["--eps", "0.1", "--box", "0", "1"], "exactly one region"),
 ])
-def test_user_errors_are_one_line(pair, args, message):
+def test_usage_errors_are_one_line_and_exit_2(pair, args, message):
     region = ["--center", str(pair / "center.npy")] if args else []
     r = run("certify", pair / "a.pt", pair / "b.pt", "--arch", f"{__file__}:factory", *region, *args)
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -163,7 +163,7 @@ def test_certify_over_data_json_exit_codes_and_resume(pair):
     assert bad.exit_code == 10 and json.loads(bad.stdout)["counts"]["falsified"] == 5
     top1 = run(*base, "--top1", "--jobs", 2)
     assert top1.exit_code in (0, 5, 10) and json.loads(top1.stdout)["difference"] == "top1"
-    assert run(*base).exit_code == 1  # no threshold
+    assert run(*base).exit_code == 2  # no threshold: a usage error
     assert "--resume needs --out" in run(*base, "--threshold", 1, "--resume").stderr
 
 

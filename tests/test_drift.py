@@ -174,11 +174,11 @@ def test_ctrl_c_keeps_finished_points_and_resume_completes(tmp_path, monkeypatch
     points = torch.rand(6, 4, dtype=torch.float64)
     real, calls = drift_module.run_chunk, []
 
-    def interrupted_second_chunk(job):
+    def interrupted_second_chunk(job, *finished):
         calls.append(job)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(job)
+        return real(job, *finished)
 
     monkeypatch.setattr(drift_module, "run_chunk", interrupted_second_chunk)
     path = tmp_path / "run.jsonl"

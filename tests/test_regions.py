@@ -55,7 +55,7 @@ def test_linf_ball_is_clipped_box():
     (lambda: LinfBall(torch.zeros(3), -0.1), "eps must be"),
     (lambda: L2Ball(torch.zeros(3), float("nan")), "eps must be"),
     (lambda: Box(torch.ones(2), torch.zeros(2)), "empty"),
-    (lambda: LinfBall(torch.full((2,), 2.0), 0.1, (0.0, 1.0)), "outside the --clip"),
+    (lambda: LinfBall(torch.full((2,), 2.0), 0.1, (0.0, 1.0)), "outside the clip="),
     (lambda: ball(torch.zeros(2), 0.1, "1"), "unknown norm"),
 ])
 def test_bad_regions_say_what_is_wrong(make, message):
