@@ -347,6 +347,8 @@ class BranchAndBound:
                     batch = self._batch(self._level(threshold))
                     if self.per_split:  # keep a step inside the remaining budget
                         batch = max(1, min(batch, int((deadline - started) / self.per_split)))
+                    else:  # the first step measures what a split costs: a small one
+                        batch = min(batch, 2)
                     self._step(batch)
                     self.per_split = (time.perf_counter() - started) / batch
                     bar.update(1)

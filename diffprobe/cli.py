@@ -54,10 +54,15 @@ def _friendly(fn):
 
 
 def _fail(line, code):
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C while exiting changes nothing
+    _ignore_interrupts()  # a second Ctrl-C while exiting changes nothing
     click.echo(" ".join(line.split()), err=True)
     sys.exit(code)
+
+
+def _ignore_interrupts():
+    import signal
+    with contextlib.suppress(ValueError):  # only the main thread may (CliRunner in a thread)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Number(click.ParamType):
@@ -154,10 +159,11 @@ def make_region(model_a, model_b, vnnlib, center, index, eps, norm, clip, box):
     import torch
     from .data import load_tensor
     from .errors import RegionError
-    from .graph import common_input_shape
+    from .graph import common_input_shape, input_shape_of
     from .regions import Box, ball, box_from_vnnlib
     if vnnlib:
-        return box_from_vnnlib(vnnlib)
+        shapes = [s for s in (input_shape_of(model_a), input_shape_of(model_b)) if s]
+        return box_from_vnnlib(vnnlib, math.prod(shapes[0]) if shapes else None)
     if box:
         shape = common_input_shape(model_a, model_b)
         return Box(torch.full(shape, box[0], dtype=torch.float64), torch.full(shape, box[1], dtype=torch.float64))
@@ -170,6 +176,11 @@ def make_region(model_a, model_b, vnnlib, center, index, eps, norm, clip, box):
                               f"shape {list(shape)}, or --index {index} is out of range")
         points = points.reshape(-1, n)[index]
     return ball(points.reshape(shape).double(), eps, norm, clip)
+
+
+def check_arithmetic(arithmetic, arithmetic_b):
+    if arithmetic_b and (arithmetic == "exact") != (arithmetic_b == "exact"):
+        raise click.UsageError("--arithmetic exact applies to both models: drop --arithmetic-b, or give both exact")
 
 
 def check_threshold(threshold, difference):
@@ -211,6 +222,9 @@ class _OneLineGroup(click.Group):
         extra.pop("standalone_mode", None)
         try:
             return super().main(args, prog_name, standalone_mode=False, **extra)
+        except SystemExit:
+            _ignore_interrupts()  # a Ctrl-C while the interpreter shuts down changes nothing now
+            raise
         except click.UsageError as exc:
             command = f" {exc.ctx.command_path.split(' ', 1)[1]}" if exc.ctx and " " in exc.ctx.command_path else ""
             _fail(f"diffprobe: usage: {exc.format_message()} (diffprobe{command} --help lists the options)", 2)
@@ -269,6 +283,7 @@ def search(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib
     from .report import search_text
     check_region_options(vnnlib, center, eps, box)
     check_threshold(threshold, difference)
+    check_arithmetic(arithmetic, arithmetic_b)
     check_out(save_witness, _input_files(model_a, model_b, arch, arch_b, center, vnnlib, data), force,
               _is_npy)
     a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
@@ -317,6 +332,7 @@ def _certify_command(name, doc, search_steps):
                 norm, clip, box, difference, arithmetic, arithmetic_b, seed, as_json, quiet, to_mlflow, method,
                 threshold, time_budget, data, labels, top1, jobs, out, resume, force):
         check_threshold(threshold, difference)
+        check_arithmetic(arithmetic, arithmetic_b)
         inputs = _input_files(model_a, model_b, arch, arch_b, center, vnnlib, data, labels)
         if data:
             _check_drift_options(threshold, top1, resume, out, force, inputs)
@@ -368,7 +384,10 @@ def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, met
                        resume=resume, arithmetic=arithmetic, arithmetic_b=arithmetic_b, progress=not quiet)
     _save(report, out)
     emit(report, as_json, drift_text(report), to_mlflow)
-    sys.exit(130 if report.total > len(report.points) else EXIT[report.verdict])
+    if report.total > len(report.points):
+        _fail(f"diffprobe: interrupted: {len(report.points)} of {report.total} points finished"
+              + ("; the same command with --resume continues" if out else ""), 130)
+    sys.exit(EXIT[report.verdict])
 
 
 def _quiet_worker():
@@ -443,10 +462,10 @@ def report(files, out, force):
     as one HTML page with figures; several drift reports at different eps also give the
     certified-bound-vs-eps curve."""
     from .outputs import is_report, write_text
-    from .report import html_report, load_result
+    from .report import load_result, render
     check_out(out, files, force, is_report)
     results = [load_result(f) for f in files]
-    write_text(out, html_report(results))
+    write_text(out, render(results, files))
     click.echo(f"wrote {out}")
 
 

@@ -57,6 +57,7 @@ class Job:
     indices: list
     settings: DriftSettings
     threads: int = 0
+    done: frozenset = frozenset()  # indices already finished: bounded with the chunk, not run again
 
 
 def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, difference="elementwise",
@@ -88,9 +89,11 @@ def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, diffe
     record = Checkpoint(checkpoint, asdict(settings), len(regions), _fingerprint(regions))
     done = record.resume() if resume else {}
     record.start(done)
-    todo = [i for i in range(len(regions)) if i not in done]
-    jobs = [Job(model_a, model_b, [regions[i] for i in todo[s:s + chunk_size]], todo[s:s + chunk_size],
-                settings, threads_per_job) for s in range(0, len(todo), chunk_size)]
+    # chunks are fixed ranges of the data, so a resumed run bounds every point in the same batch as
+    # an uninterrupted one would (float64 sums depend on the batch) and gives the same answer
+    chunks = [list(range(s, min(s + chunk_size, len(regions)))) for s in range(0, len(regions), chunk_size)]
+    jobs = [Job(model_a, model_b, [regions[i] for i in chunk], chunk, settings, threads_per_job,
+                frozenset(chunk) & frozenset(done)) for chunk in chunks if not set(chunk) <= set(done)]
     records, notes = dict(done), []
     with progress_bar(progress, len(regions), desc="drift") as bar:
         bar.update(len(done))
@@ -156,6 +159,8 @@ def run_chunk(job, finished=None):
     classes = a.shape[1] > 1
     records = []
     for i, region in enumerate(regions):
+        if job.indices[i] in job.done:
+            continue
         t0 = time.perf_counter()
         initial = (lower[i:i + 1], upper[i:i + 1], scores[i:i + 1])
         record = _point(deployment, diff, problem, spec.take([i]), methods, region, initial,

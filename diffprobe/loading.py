@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .data import read_head
-from .errors import CheckpointError, UnsafeCheckpointError
+from .errors import CheckpointError, DiffprobeError, UnsafeCheckpointError
 
 _PREFIXES = ("model.", "module.", "net.", "network.", "_orig_mod.")
 
@@ -25,8 +25,11 @@ def sniff_format(path):
     path = Path(path)
     head = read_head(path, 4096, CheckpointError)
     if head.startswith(b"PK\x03\x04"):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(f"{path}: a damaged or truncated archive ({exc}); save it again") from exc
         if any(n.endswith("archive_format") or "/models/" in n for n in names):
             return "pt2"
         return "torch"
@@ -88,7 +91,12 @@ def _load_onnx(path):
         proto = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError and friends
         raise CheckpointError(f"{path}: not a readable ONNX file ({exc})") from exc
-    return onnx_to_torch(proto)
+    try:
+        return onnx_to_torch(proto)
+    except DiffprobeError:
+        raise
+    except Exception as exc:  # a malformed graph (missing attributes, dangling names)
+        raise CheckpointError(f"{path}: malformed ONNX graph ({type(exc).__name__}: {exc})") from exc
 
 
 def _load_pt2(path, trust):

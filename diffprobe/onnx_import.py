@@ -173,9 +173,37 @@ register_onnx_op("MaxPool")(lambda n: _pool(nn.MaxPool2d, n))
 register_onnx_op("AveragePool")(lambda n: _pool(nn.AvgPool2d, n))
 
 
+MAX_VALUES = 100_000_000  # per tensor: declared sizes are checked before anything is allocated
+
+
+def _declared_size(dims, what):
+    size = 1
+    for d in dims:
+        size *= max(int(d), 1)
+    if size > MAX_VALUES:
+        raise CheckpointError(f"the ONNX model declares {what} of {size:.3g} values (dims {list(dims)}); "
+                              f"diffprobe reads tensors of at most {MAX_VALUES:.0e} values")
+    return size
+
+
+def _initializer(init):
+    """An initializer as an array, its declared size checked against the data it carries."""
+    from onnx import numpy_helper
+    size = _declared_size(init.dims, f"an initializer '{init.name}'")
+    stored = (len(init.raw_data) if init.raw_data else
+              max(len(init.float_data), len(init.double_data), len(init.int32_data), len(init.int64_data)))
+    external = any(e.key == "location" for e in init.external_data)
+    if not external and stored == 0 and size > 0:
+        raise CheckpointError(f"ONNX initializer '{init.name}' declares {list(init.dims)} but holds no data")
+    try:
+        return numpy_helper.to_array(init)
+    except Exception as exc:  # sizes that do not match the data, unknown types
+        raise CheckpointError(f"ONNX initializer '{init.name}' is unreadable ({exc})") from exc
+
+
 def _constants(graph):
     from onnx import numpy_helper
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consts = {i.name: _initializer(i) for i in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
@@ -187,6 +215,7 @@ def _input_shape(graph, consts):
     if len(inputs) != 1:
         raise CheckpointError(f"ONNX graph has {len(inputs)} inputs; diffprobe compares single-input models")
     dims = [d.dim_value if d.dim_value > 0 else 1 for d in inputs[0].type.tensor_type.shape.dim]
+    _declared_size(dims, "an input")
     return inputs[0].name, dims
 
 

@@ -22,8 +22,12 @@ def check_output(path, inputs=(), recognised=None, force=False):
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"the folder of {path} does not exist; create it or choose another path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"the folder of {path} is not writable; choose another path")
+    try:  # a real write, not permission bits: root passes those everywhere, /proc refuses anyway
+        handle, probe = tempfile.mkstemp(prefix=".diffprobe-probe.", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError:
+        raise OutputError(f"the folder of {path} is not writable; choose another path") from None
     if path.exists() and not force and not (recognised and recognised(path)):
         raise OutputError(f"{path} exists and was not written by diffprobe; remove it, choose another path, "
                           "or overwrite it with force=True")

@@ -233,25 +233,56 @@ def ball(center, eps, norm="inf", clip=None):
     raise RegionError(f"unknown norm '{norm}'; use inf or 2")
 
 
+def _input_index(var, n, path):
+    if not re.fullmatch(r"X_\d+", var) or int(var[2:]) >= n:
+        raise RegionError(f"{path} bounds {var}, which is not one of its declared inputs X_0..X_{n - 1}")
+    return int(var[2:])
+
+
+def _number(text, path):
+    try:
+        value = float(text)
+    except ValueError:
+        raise RegionError(f"{path}: '{text}' is not a number") from None
+    if math.isnan(value):
+        raise RegionError(f"{path}: a bound is NaN")
+    return value
+
+
 _BOUND = re.compile(r"\(\s*assert\s*\(\s*(<=|>=)\s+(\S+)\s+(\S+?)\s*\)\s*\)")
 
 
-def box_from_vnnlib(path):
-    """The input box of a VNN-LIB property: every X_i needs a lower and an upper bound."""
+MAX_VNNLIB_BYTES = 64 << 20  # a property of a million inputs is about 60 MB
+
+
+def box_from_vnnlib(path, inputs=None):
+    """The input box of a VNN-LIB property: every X_i needs a lower and an upper bound. With
+    `inputs` (the models' input count), a property over another number of inputs is refused
+    before its constraints are read."""
     try:
-        text = Path(path).read_text()
+        size = Path(path).stat().st_size
+        if size > MAX_VNNLIB_BYTES:
+            raise RegionError(f"{path} has {size / 2**20:.0f} MB; diffprobe reads VNN-LIB files of at most "
+                              f"{MAX_VNNLIB_BYTES >> 20} MB")
+        text = Path(path).read_text(errors="replace")
     except OSError as exc:
         raise RegionError(f"cannot read VNN-LIB file {path}: {exc.strerror or exc}") from exc
     text = re.sub(r";[^\n]*", "", text)
-    n = len(re.findall(r"declare-const\s+X_\d+", text))
+    declared = [int(i) for i in re.findall(r"declare-const\s+X_(\d+)\b", text)]
+    n = len(declared)
     if n == 0:
         raise RegionError(f"{path} declares no input X_i; is it a VNN-LIB property?")
+    if sorted(declared) != list(range(n)):
+        raise RegionError(f"{path} declares inputs {sorted(set(declared) - set(range(n)))[:5]} beyond X_0..X_{n - 1} "
+                          "or repeats one; inputs must be X_0, X_1, ... without gaps")
+    if inputs is not None and n != inputs:
+        raise RegionError(f"{path} declares {n} inputs but the models take {inputs}")
     lo, hi = torch.full((n,), -_INF, dtype=torch.float64), torch.full((n,), _INF, dtype=torch.float64)
     for op, left, right in _BOUND.findall(text):
         var, value, flipped = (left, right, False) if left.startswith("X_") else (right, left, True)
         if not var.startswith("X_"):
             continue
-        i, v = int(var[2:]), float(value)
+        i, v = _input_index(var, n, path), _number(value, path)
         upper = (op == "<=") != flipped
         lo[i], hi[i] = (lo[i], min(hi[i].item(), v)) if upper else (max(lo[i].item(), v), hi[i])
     unbounded = [i for i in range(n) if not (math.isfinite(lo[i]) and math.isfinite(hi[i]))]

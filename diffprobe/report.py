@@ -91,10 +91,37 @@ def load_result(path):
                      (StabilityStudy, "ranking"), (StructuralStability, "curves"), (CapabilityStudy, "optimisers")):
         if key in data:
             try:
-                return cls.from_json(text)
-            except TypeError as exc:
+                result = cls.from_json(text)
+            except (TypeError, ValueError) as exc:
                 raise DataError(f"{path} looks like a {cls.__name__} but misses fields ({exc})") from exc
+            _check_points(result, path)
+            return result
     raise DataError(f"{path} is not a diffprobe result; save one with result.to_json() (the CLI's --out)")
+
+
+def _check_points(result, path):
+    """The per-point fields a report draws, checked (a result file may come from anywhere)."""
+    from .errors import DataError
+    from .results import DriftReport
+    if not isinstance(result, DriftReport):
+        return
+    number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    for p in result.points if isinstance(result.points, list) else [None]:
+        if not (isinstance(p, dict) and number(p.get("bound")) and number(p.get("found"))
+                and p.get("verdict") in ("verified", "falsified", "unknown", None)
+                and (p.get("witness") is None or (isinstance(p["witness"], list) and all(map(number, p["witness"]))))):
+            raise DataError(f"{path}: a point of this drift report is malformed")
+
+
+def render(results, files):
+    """`html_report`, a result that cannot be drawn (a file edited by hand, or by someone else)
+    named in one line."""
+    from .errors import DataError
+    try:
+        return html_report(results)
+    except Exception as exc:
+        raise DataError(f"cannot draw {', '.join(map(str, files))} ({type(exc).__name__}: {str(exc)[:200]}); "
+                        "is a result file edited or truncated?") from exc
 
 
 def html_report(results):

@@ -248,8 +248,8 @@ class DriftReport(_Result):
         for p in self.ranked(8):
             png = thumbnail(p["witness"], self.input_shape) if p.get("witness") else None
             img = f"<img src='data:image/png;base64,{png}'/>" if png else ""
-            rows.append(f"<tr><td>{p['index']}</td><td>{p['verdict']}</td><td>{p['bound']:.4g}</td>"
-                        f"<td>{p['found']:.4g}</td><td>{img}</td></tr>")
+            cells = (p["index"], p["verdict"], _g(p["bound"]), _g(p["found"]))  # strings from files: escaped
+            rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + f"<td>{img}</td></tr>")
         riskiest = ("<table><tr><th>point</th><th>verdict</th><th>bound</th><th>found</th><th>witness</th></tr>"
                     + "".join(rows) + "</table>")
         return super()._repr_html_() + "<p>riskiest points</p>" + riskiest
@@ -265,7 +265,7 @@ class DriftReport(_Result):
 
 
 def _g(v):
-    return "-" if v is None else f"{v:.4g}"
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
 
 
 def arithmetic_text(labels):
