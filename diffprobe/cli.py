@@ -158,7 +158,6 @@ def check_region_options(vnnlib, center, eps, box):
 def make_region(model_a, model_b, vnnlib, center, index, eps, norm, clip, box):
     import torch
     from .data import load_tensor
-    from .errors import RegionError
     from .graph import common_input_shape, input_shape_of
     from .regions import Box, ball, box_from_vnnlib
     if vnnlib:
@@ -168,14 +167,19 @@ def make_region(model_a, model_b, vnnlib, center, index, eps, norm, clip, box):
         shape = common_input_shape(model_a, model_b)
         return Box(torch.full(shape, box[0], dtype=torch.float64), torch.full(shape, box[1], dtype=torch.float64))
     points = load_tensor(center)
-    shape = common_input_shape(model_a, model_b)
+    # the file holds one point, or several (rows, picked by --index); the models say which
+    given = [tuple(points.shape[1:]), tuple(points.shape)] if points.dim() >= 2 else [tuple(points.shape)]
+    shape = common_input_shape(model_a, model_b, given)
+    return ball(_point(points, shape, index, center).double(), eps, norm, clip)
+
+
+def _point(points, shape, index, name):
+    from .errors import RegionError
     n = math.prod(shape)
-    if points.numel() != n:
-        if points.numel() % n or not 0 <= index < points.numel() // n:
-            raise RegionError(f"{center} holds {points.numel()} values, not a whole number of inputs of "
-                              f"shape {list(shape)}, or --index {index} is out of range")
-        points = points.reshape(-1, n)[index]
-    return ball(points.reshape(shape).double(), eps, norm, clip)
+    if points.numel() % n or not 0 <= index < points.numel() // n:
+        raise RegionError(f"{name} holds {points.numel()} values ({list(points.shape)}), not a whole number of "
+                          f"inputs of shape {list(shape)}, or --index {index} is out of range")
+    return points.reshape(-1, n)[index].reshape(shape)
 
 
 def check_arithmetic(arithmetic, arithmetic_b):

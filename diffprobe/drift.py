@@ -20,7 +20,7 @@ from .deployment import deploy
 from .data import as_points
 from .differences import get_difference
 from .errors import DataError, RegionError
-from .graph import compose
+from .graph import common_input_shape
 from .progress import progress_bar
 from .regions import L2Ball, ball
 from .checkpoint import Checkpoint
@@ -132,7 +132,7 @@ def _regions(model_a, model_b, points, eps, norm, clip):
         return points
     if eps is None:
         raise RegionError("drift over data points needs eps (the radius of the ball around each point)")
-    shape = compose(model_a, model_b).input_shape
+    shape = common_input_shape(model_a, model_b, [tuple(points.shape[1:])])
     if points[0].numel() != math.prod(shape):
         raise DataError(f"data points have {points[0].numel()} values but the models take inputs of "
                         f"shape {list(shape)}; give data of shape [n, {', '.join(map(str, shape))}]")

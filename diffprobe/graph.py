@@ -27,10 +27,14 @@ def fit_region(region, shape):
 
 
 def input_shape_of(model):
-    """The shape of one input sample, from the loader or from the first layer."""
+    """The shape of one input sample the model declares (an `input_shape` attribute, as the ONNX
+    and NNet loaders set), or None."""
     shape = getattr(model, "input_shape", None)
-    if shape is not None:
-        return tuple(shape)
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def guessed_shape(model):
+    """The last resort: the input width of a model whose first layer is Linear."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             return (module.in_features,)
@@ -39,21 +43,47 @@ def input_shape_of(model):
     return None
 
 
-def common_input_shape(model_a, model_b, region_shape=None):
-    """The per-sample input shape both models (and the region, if given) accept."""
-    shapes = [s for s in (input_shape_of(model_a), input_shape_of(model_b)) if s is not None]
-    if region_shape is not None and not (shapes and _numel(region_shape) == _numel(shapes[0])):
-        shapes.append(tuple(region_shape))
-    if not shapes:
-        raise ShapeMismatchError("cannot tell the models' input shape; give a region with a shape "
-                                 "(a region, or an input_shape attribute on the model)")
-    for s in shapes[1:]:
-        if _squeezed(s) != _squeezed(shapes[0]):
-            raise ShapeMismatchError(
-                f"input shapes differ: model_a takes {list(input_shape_of(model_a) or [])}, "
-                f"model_b takes {list(input_shape_of(model_b) or [])}, region is "
-                f"{list(region_shape or [])}; compare models with the same input")
-    return shapes[0]
+def accepts(model, shape):
+    """Whether `model` maps a batch of inputs of this per-sample shape to one output per sample (a
+    batch of two, so a layer that would read the batch as channels or tokens is caught)."""
+    from .deployment import run_native
+    try:
+        with torch.no_grad():
+            out = run_native(model, torch.zeros(2, *shape, dtype=torch.float64))
+    except Exception:  # whatever a user's forward raises on a shape it does not take
+        return False
+    return out.dim() >= 1 and out.shape[0] == 2
+
+
+def _takes(model, shape):
+    """A model that declares its shape takes any layout of as many values (the pair reshapes)."""
+    own = input_shape_of(model)
+    return _numel(own) == _numel(shape) if own is not None else accepts(model, shape)
+
+
+def common_input_shape(model_a, model_b, given=()):
+    """The per-sample input shape both models take: the one they declare; else the first of
+    `given` (the region's, the data's) they both accept; else a guess from the first layer. A
+    mismatch names every shape tried."""
+    declared = [s for s in (input_shape_of(model_a), input_shape_of(model_b)) if s is not None]
+    if len(declared) == 2 and _squeezed(declared[0]) != _squeezed(declared[1]):
+        raise ShapeMismatchError(f"input shapes differ: model_a takes {list(declared[0])}, model_b takes "
+                                 f"{list(declared[1])}; compare models with the same input")
+    guesses = [g for g in (guessed_shape(model_a), guessed_shape(model_b)) if g is not None]
+    candidates = list(dict.fromkeys(declared[:1] + [tuple(g) for g in given if g is not None] + guesses))
+    taken = {label: [c for c in candidates if _takes(m, c)] for label, m in (("model_a", model_a), ("model_b", model_b))}
+    for shape in candidates:  # in order: declared, given, guessed
+        if shape in taken["model_a"] and shape in taken["model_b"]:
+            return shape
+    if not candidates:
+        raise ShapeMismatchError("cannot tell the models' input shape: give a region with a shape (a centre "
+                                 "point, data, a VNN-LIB file) or set an input_shape attribute on the models")
+    if taken["model_a"] and taken["model_b"]:
+        raise ShapeMismatchError(f"input shapes differ: model_a takes {list(taken['model_a'][0])}, model_b takes "
+                                 f"{list(taken['model_b'][0])}; compare models with the same input")
+    raise ShapeMismatchError(f"the models do not both accept any of the input shapes "
+                             f"{', '.join(str(list(c)) for c in candidates)} (the shape they declare, the "
+                             "region's, their first layer's width); give a region of the models' input shape")
 
 
 class Pair(nn.Module):
@@ -127,7 +157,10 @@ def _softmax(z):
 
 def compose(model_a, model_b, region=None):
     """The `Pair` of two models, checked for matching input and output shapes."""
-    shape = common_input_shape(model_a, model_b, None if region is None else region.shape)
+    shape = common_input_shape(model_a, model_b, [] if region is None else [region.shape])
+    if region is not None and _numel(region.shape) != _numel(shape):
+        raise ShapeMismatchError(f"the region has shape {list(region.shape)} but the models take "
+                                 f"{list(shape)}; give a region over the models' inputs")
     pair = Pair(model_a, model_b, shape).eval()
     with torch.no_grad():
         probe = torch.zeros(1, *shape, dtype=torch.float64)
