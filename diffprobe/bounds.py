@@ -49,6 +49,8 @@ class Problem:
     deployment: object
     noisy: object = None  # the NoisyPair under the graph in deployed arithmetic
     margin: object = None  # a RoundingMargin widening the exact graph's bounds (deployed, not lowered)
+    logits: object = None  # for probabilities: the elementwise problem of the same models
+    both: object = None  # for probabilities: both models' outputs (the stacked problem)
     why_unbounded: str = ""  # why `graph` is None
     dtype: torch.dtype = torch.float64
     traced: object = None
@@ -210,10 +212,16 @@ def _quiet_lirpa_logger():
         logger.propagate, logger.handlers = old
 
 
+def _no_prints():
+    """auto_LiRPA prints some notices (a Dropout it cannot parse, ...) on stdout, where --json goes."""
+    import io
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def _bounded_module(graph, inputs, dtype=torch.float64):
     """Trace `graph` with auto_LiRPA; an unboundable op gives one error listing all of them."""
     lirpa = import_auto_lirpa()
-    with traced(dtype), _quiet_lirpa_logger() as collector, warnings.catch_warnings():
+    with traced(dtype), _quiet_lirpa_logger() as collector, warnings.catch_warnings(), _no_prints():
         warnings.simplefilter("ignore")  # TorchScript tracer warnings about shape checks
         try:
             module = lirpa.BoundedModule(graph, inputs if len(inputs) > 1 else inputs[0],
@@ -272,7 +280,7 @@ def _lirpa_call(problem, module, inputs, method):
 
 
 def _compute_bounds(module, inputs, spec, method, dtype):
-    with traced(dtype), _quiet_lirpa_logger(), warnings.catch_warnings():
+    with traced(dtype), _quiet_lirpa_logger(), warnings.catch_warnings(), _no_prints():
         # 0.3 warns about every identity matrix it builds for a BatchNorm layer's bounds
         warnings.filterwarnings("ignore", message="Creating an identity matrix")
         try:

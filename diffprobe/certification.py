@@ -84,13 +84,9 @@ def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, 
     if spec.rows is not None:
         problem = dataclasses.replace(problem, spec=spec.rows)
     lower, upper = within if within is not None else (None, None)
-    margin = None
     for name in methods:
         try:
-            l, u = outward(*METHODS[name](problem, region, lo, hi), problem.scale)
-            if problem.margin is not None:  # the exact difference, widened by the models' rounding
-                margin = problem.margin.rows(lo, hi, problem.spec) if margin is None else margin
-                l, u = l - margin, u + margin
+            l, u = _method_bounds(problem, name, region, lo, hi)
         except UnsupportedOperationError as exc:
             if skipped is None:
                 raise
@@ -111,6 +107,57 @@ def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, 
     return lower, upper, spec.scalar(lower, upper)
 
 
+def _bounds(problem, name, region, lo, hi):
+    """One method's bounds, rounded outward, and widened by the models' rounding where the graph is
+    their exact formula (deployed float models that are not chains)."""
+    lower, upper = outward(*METHODS[name](problem, region, lo, hi), problem.scale)
+    if problem.margin is not None:
+        margin = problem.margin.rows(lo, hi, problem.spec)
+        lower, upper = lower - margin, upper + margin
+    return lower, upper
+
+
+def _method_bounds(problem, name, region, lo, hi):
+    """`_bounds`; for probabilities also from the logits. Along the segment from model_a's logits z
+    to model_b's z + D, row i of softmax's Jacobian applied to D is p_i (D_i - sum_j p_j D_j), at
+    most p_i (1 - p_i) times the range of D: so each probability moves by at most that range (the
+    logit differences, bounded by `name` itself, with the differential engine's cancellation where
+    it applies) times the largest p_i (1 - p_i) over both models' logit bounds (at most 1/4)."""
+    if problem.logits is None:
+        return _bounds(problem, name, region, lo, hi)
+    low, high = _bounds(problem.logits, name, region, lo, hi)
+    spread = high.amax(1, keepdim=True) - low.amin(1, keepdim=True)
+    width = torch.nan_to_num(spread * _softmax_slope(problem, name, region, lo, hi), nan=1.0).clamp_max(1.0)
+    try:
+        lower, upper = _bounds(problem, name, region, lo, hi)
+    except UnsupportedOperationError:  # the differential method has no probability graph of its own
+        return -width, width
+    return torch.maximum(lower, -width), torch.minimum(upper, width)
+
+
+def _softmax_slope(problem, name, region, lo, hi):
+    """Per output, the largest p (1 - p) of its probability anywhere between the two models' logits
+    (their bounds' hull); 1/4 where they cannot be bounded."""
+    quarter = torch.full((len(lo), problem.outputs), 0.25, dtype=torch.float64)
+    try:
+        both = _bounds(problem.both, name if name in ("ibp", "crown", "alpha-crown") else "crown", region, lo, hi)
+    except UnsupportedOperationError:
+        return quarter
+    k = problem.outputs
+    z_lo = torch.minimum(both[0][:, :k], both[0][:, k:])
+    z_hi = torch.maximum(both[1][:, :k], both[1][:, k:])
+    if not bool(torch.isfinite(z_lo).all() and torch.isfinite(z_hi).all()):
+        return quarter
+    # softmax_i is increasing in z_i and decreasing in the others (shifted by the largest bound: no overflow)
+    top = z_hi.amax(1, keepdim=True)
+    e_lo, e_hi = torch.exp(z_lo - top), torch.exp(z_hi - top)
+    p_lo = e_lo / (e_lo + e_hi.sum(1, keepdim=True) - e_hi)
+    p_hi = e_hi / (e_hi + e_lo.sum(1, keepdim=True) - e_lo)
+    slope = torch.maximum(p_lo * (1 - p_lo), p_hi * (1 - p_hi))
+    slope = torch.where((p_lo <= 0.5) & (p_hi >= 0.5), quarter, slope)
+    return slope * (1 + 1e-9) + 1e-300  # rounding of the exponentials above
+
+
 METHOD_NAMES = ["auto", *METHODS]
 
 
@@ -123,7 +170,7 @@ def methods_for(method, problem, optimise):
     if method == "auto":
         if problem.graph is None:
             return []
-        engine = differential_engine(problem)
+        engine = differential_engine(problem.logits or problem)
         if engine is not None:  # alpha-CROWN's cost grows with the neurons (a CNN's: many)
             return ["differential", "crown"] + (["alpha-differential"] if optimise and engine.hidden <= 1024 else [])
         small = optimise and sum(p.numel() for p in problem.graph.pair.parameters()) <= 200_000
@@ -158,6 +205,8 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
     """
     t0 = time.perf_counter()
     diff = get_difference(difference)
+    if diff.name == "top1" and threshold is None:  # label agreement: the certificate's threshold is 0
+        threshold = 0.0
     # branch-and-bound's many cheap passes beat one optimised pass: optimise single passes only
     deployment, (region,), spec, problem, methods = prepare(model_a, model_b, [region], diff, method,
                                                             not time_budget, arithmetic, arithmetic_b)
@@ -196,11 +245,15 @@ def prepare(model_a, model_b, regions, diff, method, optimise, arithmetic="nativ
     regions = [fit_region(r, deployment.pair.input_shape) for r in regions]
     spec = Spec(diff, deployment.pair, torch.stack([r.center for r in regions]))
     problem = build_problem(deployment, spec.graph_kind)
+    if spec.kind == "probability":  # probabilities are bounded from the logits too
+        problem.logits = build_problem(deployment, "elementwise")
+        problem.both = build_problem(deployment, "stacked")
     with torch.no_grad():
         a, b = deployment.pair.outputs(torch.stack([r.center for r in regions]))
-    problem.outputs = a.shape[1]
     # the magnitudes a bound is computed from (for rounding it outward); inf if a model overflows
-    problem.scale = float(torch.nan_to_num(torch.cat([a, b], 1).abs(), nan=_INF).max()) + 1.0
+    scale = float(torch.nan_to_num(torch.cat([a, b], 1).abs(), nan=_INF).max()) + 1.0
+    for part in filter(None, (problem, problem.logits, problem.both)):
+        part.outputs, part.scale = a.shape[1], scale
     if method != "auto" and problem.graph is None:
         problem.module  # raises the one-line reason
     return deployment, regions, spec, problem, methods_for(method, problem, optimise)
@@ -370,6 +423,8 @@ class BranchAndBound:
         if bound == _INF and not any("unbounded" in n for n in notes):
             notes.append("the certified bound is unbounded (+inf, written as null in JSON): overflow, NaN, "
                          "or no method could bound the models as they run")
+        if self.spec.kind == "probability" and bound >= 1.0:
+            notes.append("the bound is the trivial one (two probabilities differ by at most 1): it says nothing")
         gap = self.found / bound if 0 < bound < _INF and self.found > 0 else (1.0 if bound == self.found else 0.0)
         return Certificate(
             difference=self.diff.name, method=method, lower=lower[0].tolist(), upper=upper[0].tolist(),

@@ -211,3 +211,22 @@ def test_certificate_json_round_trip():
     cert = certify(a, mlp([3, 4, 2], 1), LinfBall(torch.zeros(3), 0.1), method="crown", threshold=1.0)
     again = type(cert).from_json(cert.to_json())
     assert again == cert and "gap ratio" in cert._repr_html_()
+
+
+def test_probability_bounds_come_from_the_logits_and_vacuity_is_said():
+    from diffprobe_examples.deployed import deployed_copy, digits_classifier, native_max
+    model, x_test = digits_classifier()
+    half = deployed_copy(model, "fp16")
+    region = LinfBall(x_test[0].double(), 0.02, (0.0, 1.0))
+    cert = certify(model, half, region, difference="probability")
+    reached = native_max(model, half, region, get_difference("probability"), n=500, steps=10)
+    assert reached <= cert.bound < 0.01  # was the trivial 1.0 for every pair
+    unrelated = certify(mlp([4, 8, 3], 0, scale=20.0), mlp([4, 8, 3], 1, scale=20.0), Box(-torch.ones(4), torch.ones(4)),
+                        difference="probability")
+    assert unrelated.bound <= 1.0 and (unrelated.bound < 1.0 or any("trivial" in n for n in unrelated.notes))
+
+
+def test_top1_certificates_have_their_verdict_without_a_threshold():
+    a = mlp([3, 6, 2], 0)
+    cert = certify(a, a, LinfBall(torch.zeros(3), 0.01), difference="top1", arithmetic="exact")
+    assert cert.threshold == 0.0 and cert.verdict is Verdict.VERIFIED
