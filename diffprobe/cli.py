@@ -98,8 +98,8 @@ def _options(*options):
 
 
 model_options = _options(
-    click.argument("model_a", type=click.Path(dir_okay=False)),
-    click.argument("model_b", type=click.Path(dir_okay=False)),
+    click.argument("model_a", type=click.Path()),
+    click.argument("model_b", type=click.Path()),
     click.option("--arch", help="architecture for state_dict/safetensors files: module:factory or file.py:factory "
                  "(runs that module's code)"),
     click.option("--arch-b", help="architecture for MODEL_B when it differs from --arch"),
@@ -138,9 +138,11 @@ def common_options(fn):
 
 
 def load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize):
+    """Both models; MODEL_B may be a peft adapter folder, merged into a copy of MODEL_A."""
     from .loading import load_model
     kw = dict(arch_kwargs=arch_kwargs, trust=trust, normalize=normalize)
-    return load_model(model_a, arch=arch, **kw), load_model(model_b, arch=arch_b or arch, **kw)
+    a = load_model(model_a, arch=arch, **kw)
+    return a, load_model(model_b, arch=arch_b or arch, base=a, **kw)
 
 
 def check_region_options(vnnlib, center, eps, box):

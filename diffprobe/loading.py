@@ -17,12 +17,18 @@ from torch import nn
 from .data import read_head
 from .errors import CheckpointError, DiffprobeError, UnsafeCheckpointError
 
-_PREFIXES = ("model.", "module.", "net.", "network.", "_orig_mod.")
+_PREFIXES = ("model.", "module.", "net.", "network.", "_orig_mod.", "base_model.model.")
 
 
 def sniff_format(path):
-    """'onnx', 'nnet', 'safetensors', 'torch' (torch.save zip or legacy pickle) or 'pt2'."""
+    """'onnx', 'nnet', 'safetensors', 'torch' (torch.save zip or legacy pickle), 'pt2', or 'adapter'
+    (a peft adapter folder)."""
     path = Path(path)
+    if path.is_dir():
+        from .adapters import is_adapter
+        if is_adapter(path):
+            return "adapter"
+        raise CheckpointError(f"{path} is a folder, not a model file or a peft adapter folder (adapter_config.json)")
     head = read_head(path, 4096, CheckpointError)
     if head.startswith(b"PK\x03\x04"):
         try:
@@ -48,16 +54,24 @@ def sniff_format(path):
         "(with arch=), and with trust=True pickled modules and torch.export .pt2 files")
 
 
-def load_model(path, *, arch=None, arch_kwargs=None, trust=False, normalize=False):
+def load_model(path, *, arch=None, arch_kwargs=None, trust=False, normalize=False, base=None):
     """The nn.Module stored in `path`, in eval mode, weights checked for NaN/inf.
 
     The module keeps the function stored: its parameters keep their dtype (an fp16 state_dict gives
     an fp16 module, an NNet file's decimal weights float64), quantised modules stay quantised.
     `arch` ("pkg.module:factory" or "path/file.py:factory") builds the architecture for a
-    state_dict or safetensors file; `normalize` applies an NNet file's input/output scaling.
+    state_dict or safetensors file; `normalize` applies an NNet file's input/output scaling. A
+    state_dict's pruning reparametrisations (weight_orig, weight_mask) and LoRA factors are folded
+    into the weights; a peft adapter folder is merged into a copy of `base`.
     """
     kind = sniff_format(path)
-    if kind == "onnx":
+    if kind == "adapter":
+        if base is None:
+            raise CheckpointError(f"{path} is a LoRA adapter: it needs the model it adapts (base=; on the "
+                                  "command line, the adapter is MODEL_B and MODEL_A its base)")
+        from .adapters import with_adapter
+        model = with_adapter(base, path)
+    elif kind == "onnx":
         model = _load_onnx(path)
     elif kind == "nnet":
         from .nnet import read_nnet
@@ -121,8 +135,9 @@ def _load_weights(path, kind, arch, arch_kwargs, trust):
         raise CheckpointError(
             f"{path} holds only weights (a state_dict); give the architecture with "
             "arch='module:factory' or arch='path/to/file.py:factory'")
+    from .adapters import folded
     model = build_arch(arch, arch_kwargs)
-    _load_state(model, _state_dict_of(obj), path)
+    _load_state(model, folded(_state_dict_of(obj), path), path)
     return model
 
 

@@ -128,7 +128,7 @@ PROBES = [
     ("truncated-model", ["search", "truncated.pt", "b.pt", "--arch", "arch.py:net", "--box", "0", "1"], 1, "truncated.pt"),
     ("random-bytes-model", ["search", "random.bin", "b.pt", "--box", "0", "1"], 1, "unknown model format"),
     ("missing-model", ["search", "gone.pt", "b.pt", "--box", "0", "1"], 1, "cannot read"),
-    ("model-is-folder", ["search", "s.members", "b.pt", "--box", "0", "1"], 2, "directory"),
+    ("model-is-folder", ["search", "s.members", "b.pt", "--box", "0", "1"], 1, "not a model file"),
     ("pickle-without-trust", ["search", "whole.pt", "whole.pt", "--box", "0", "1"], 1, "--trust"),
     ("weights-without-arch", ["search", "a.pt", "b.pt", "--box", "0", "1"], 1, "--arch"),
     ("arch-kwargs-not-json", ["search", *M, "--arch-kwargs", "{hidden:", "--box", "0", "1"], 1, "not valid JSON"),

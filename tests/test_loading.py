@@ -159,3 +159,48 @@ def test_onnx_conv_pool_batchnorm_chain_matches_reference(tmp_path):
     x = torch.rand(1, 1, 8, 8)
     ref = ReferenceEvaluator(str(path)).run(None, {onnx.load(str(path)).graph.input[0].name: x.numpy()})[0]
     np.testing.assert_allclose(model(x).detach().numpy(), ref, atol=1e-5)
+
+
+def test_pruning_reparametrisations_are_applied(tmp_path):
+    import torch.nn.utils.prune as prune
+    model = factory()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)  # weight_orig and weight_mask in the state_dict
+    torch.save(model.state_dict(), tmp_path / "pruned.pt")
+    loaded = load_model(tmp_path / "pruned.pt", arch=ARCH)
+    x = torch.rand(6, 4)
+    assert torch.equal(loaded(x), model(x)) and int((loaded[0].weight == 0).sum()) == 16
+
+
+def _lora_model():
+    peft = pytest.importorskip("peft")
+    base = factory()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False)
+    return base, peft.get_peft_model(factory(), config)
+
+
+def test_peft_adapters_and_unmerged_state_dicts_are_merged(tmp_path):
+    import json
+    from click.testing import CliRunner
+    from diffprobe.cli import main
+    base, tuned = _lora_model()
+    base.load_state_dict({k.replace("base_model.model.", "").replace("base_layer.", ""): v
+                          for k, v in tuned.state_dict().items() if "lora_" not in k})
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    tuned.save_pretrained(tmp_path / "adapter")
+    x = torch.rand(5, 4)
+    with torch.no_grad():
+        expected = tuned(x)
+    from diffprobe.loading import load_model
+    merged = load_model(tmp_path / "adapter", base=load_model(tmp_path / "base.pt", arch=ARCH))
+    assert torch.allclose(merged(x), expected, atol=1e-6)
+    (tmp_path / "full").mkdir()
+    torch.save(tuned.state_dict(), tmp_path / "full" / "model.pt")  # unmerged: base_layer and lora keys
+    (tmp_path / "full" / "adapter_config.json").write_text((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert torch.allclose(load_model(tmp_path / "full" / "model.pt", arch=ARCH)(x), expected, atol=1e-6)
+    torch.save(tuned.state_dict(), tmp_path / "alone.pt")  # no configuration beside it: no scaling
+    with pytest.raises(CheckpointError, match="scaling"):
+        load_model(tmp_path / "alone.pt", arch=ARCH)
+    r = CliRunner().invoke(main, ["certify", str(tmp_path / "base.pt"), str(tmp_path / "adapter"), "--arch", ARCH,
+                                  "--box", "0", "1", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["bound"] >= json.loads(r.stdout)["found"] > 0
