@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -19,14 +20,17 @@ _PEFT_PREFIX = "base_model.model."
 
 def folded(state, path, config=None):
     """`state` with pruning masks applied and LoRA factors merged into the weights they adapt."""
+    metadata = getattr(state, "_metadata", None)  # module versions: a quantised Linear needs them
     state = _pruned(state)
     if any(_LORA.match(k) for k in state):
         state = _merged(state, path, config if config is not None else _config_beside(path))
+    if metadata is not None:
+        state._metadata = metadata
     return state
 
 
 def _pruned(state):
-    out = type(state)((k, v) for k, v in state.items())
+    out = OrderedDict((k, v) for k, v in state.items())
     for key in [k for k in state if k.endswith("_orig")]:
         mask = key[:-len("_orig")] + "_mask"
         if mask in state:
@@ -67,7 +71,7 @@ def _merged(state, path, config):
         match = _LORA.match(key)
         if match:
             factors.setdefault(match["prefix"], {})[match["part"]] = value
-    out = type(state)((k, v) for k, v in state.items() if not _LORA.match(k))
+    out = OrderedDict((k, v) for k, v in state.items() if not _LORA.match(k))
     for prefix, parts in factors.items():
         if set(parts) != {"A", "B"} or parts["A"].dim() != 2:
             raise CheckpointError(f"{path}: the LoRA factors of {prefix} are incomplete or not of a Linear layer")
@@ -81,7 +85,7 @@ def _merged(state, path, config):
         out[f"{prefix}.weight"] = (weight.double() + delta).to(weight.dtype)
         if f"{base}.bias" in state and base != prefix:
             out[f"{prefix}.bias"] = out.pop(f"{base}.bias")
-    return type(state)((k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k, v) for k, v in out.items())
+    return OrderedDict((k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k, v) for k, v in out.items())
 
 
 def is_adapter(path):
