@@ -49,3 +49,38 @@ def random_network(sizes, seed, act=nn.ReLU, scale=1.0):
             lin.bias.copy_(torch.randn(n_out, generator=gen) * 0.1)
         layers += [lin] + ([act()] if i < len(sizes) - 2 else [])
     return Network(layers, (sizes[0],)).eval()
+
+
+class Permute(nn.Module):
+    """Permute the dimensions of every sample (the batch dimension stays first)."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = tuple(int(d) for d in dims)
+
+    def forward(self, x):
+        return x.permute(0, *(d + 1 for d in self.dims))
+
+    def extra_repr(self):
+        return f"dims={self.dims}"
+
+
+class Mean(nn.Module):
+    """The mean over dimensions of every sample (counted without the batch dimension)."""
+
+    def __init__(self, dims, keepdim):
+        super().__init__()
+        self.dims, self.keepdim = tuple(int(d) for d in dims), bool(keepdim)
+
+    def forward(self, x):
+        return x.mean(dim=tuple(d + 1 for d in self.dims), keepdim=self.keepdim)
+
+    def extra_repr(self):
+        return f"dims={self.dims}, keepdim={self.keepdim}"
+
+
+class Erf(nn.Module):
+    """The error function, elementwise (ONNX's Erf, as exporters write GELU)."""
+
+    def forward(self, x):
+        return torch.erf(x)

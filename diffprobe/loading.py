@@ -41,6 +41,8 @@ def sniff_format(path):
         return "torch"
     if head[:1] == b"\x80":
         return "torch"
+    if head[:2] == b"\x1f\x8b":
+        return "onnx"  # gzipped, as VNN-COMP ships its networks
     if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
         return "safetensors"
     text = head.decode("ascii", errors="replace")
@@ -102,7 +104,9 @@ def _load_onnx(path):
         raise CheckpointError("reading ONNX needs the onnx package: pip install 'diffprobe[onnx]'") from exc
     from .onnx_import import onnx_to_torch
     try:
-        proto = onnx.load(str(path))
+        proto = onnx.load_from_string(_gunzipped(path)) if _is_gzip(path) else onnx.load(str(path))
+    except CheckpointError:
+        raise
     except Exception as exc:  # onnx raises DecodeError and friends
         raise CheckpointError(f"{path}: not a readable ONNX file ({exc})") from exc
     try:
@@ -111,6 +115,23 @@ def _load_onnx(path):
         raise
     except Exception as exc:  # a malformed graph (missing attributes, dangling names)
         raise CheckpointError(f"{path}: malformed ONNX graph ({type(exc).__name__}: {exc})") from exc
+
+
+MAX_GUNZIPPED = 2 << 30
+
+
+def _is_gzip(path):
+    return read_head(path, 2, CheckpointError) == b"\x1f\x8b"
+
+
+def _gunzipped(path):
+    """The content of a gzipped file, refused beyond 2 GB (a small file can inflate to anything)."""
+    import gzip
+    with gzip.open(path, "rb") as handle:
+        data = handle.read(MAX_GUNZIPPED + 1)
+    if len(data) > MAX_GUNZIPPED:
+        raise CheckpointError(f"{path} inflates to more than {MAX_GUNZIPPED >> 30} GB; diffprobe reads smaller models")
+    return data
 
 
 def _load_pt2(path, trust):

@@ -1,17 +1,22 @@
-"""Convert a chain-shaped ONNX graph into a torch `Network` that autograd and auto_LiRPA accept.
+"""Convert an ONNX graph into a torch module that autograd and auto_LiRPA accept.
 
-Supported: Gemm, MatMul, Add, Sub, Mul, Div (with a constant), Relu, Sigmoid, Tanh, Flatten,
-Reshape, Constant, Identity, Dropout, Conv, BatchNormalization, MaxPool, AveragePool. The graph
-must be a chain: every node reads the previous node's output plus constants (true of the
-VNN-COMP fully connected and convolutional networks). Other graphs get one error naming every
-unsupported construct.
+A chain (every node reads the previous node's output plus constants: the VNN-COMP fully
+connected and convolutional networks) becomes a `Network` (an nn.Sequential); a graph with
+branches (residual adds, concatenations, attention) becomes a torch.fx GraphModule of the same
+modules plus the joins. Supported: Gemm, MatMul (with a constant, or of two computed values), Add,
+Sub, Mul, Div, Relu, LeakyRelu, Sigmoid, Tanh, Erf, Gelu, Softmax, LayerNormalization, Flatten,
+Reshape, Squeeze, Unsqueeze, Transpose (the batch dimension kept first), Concat, Constant,
+Identity, Dropout, Conv, BatchNormalization, MaxPool, AveragePool, GlobalAveragePool, ReduceMean.
+Anything else gets one error naming every unsupported construct and where it is.
 """
+import operator
+
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import CheckpointError, UnsupportedOperationError
-from .layers import Elementwise, Network, Reshape
+from .layers import Elementwise, Erf, Mean, Network, Permute, Reshape
 
 _CONVERTERS = {}
 
@@ -33,6 +38,7 @@ class _Node:
         self.inputs = list(node.input)
         self.consts = [constants.get(i) for i in node.input]
         self.rank = rank  # rank of the running value without its batch dimension; None if unbatched
+        self.shape = None  # its per-sample shape, where known
 
     def const(self, k=1):
         return self.consts[k]
@@ -105,8 +111,79 @@ def _div(n):
     return Elementwise(1.0 / c, 0.0, dtype=torch.float64)
 
 
-for _name, _module in {"Relu": nn.ReLU, "Sigmoid": nn.Sigmoid, "Tanh": nn.Tanh}.items():
+for _name, _module in {"Relu": nn.ReLU, "Sigmoid": nn.Sigmoid, "Tanh": nn.Tanh, "Erf": Erf}.items():
     register_onnx_op(_name)(lambda n, _m=_module: _m())
+register_onnx_op("LeakyRelu")(lambda n: nn.LeakyReLU(n.attrs.get("alpha", 0.01)))
+register_onnx_op("Gelu")(lambda n: nn.GELU(approximate=_text(n.attrs.get("approximate", b"none"))))
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _sample_axis(n, axis):
+    """An ONNX axis (batch dimension first) as a per-sample one; the batch axis itself is refused."""
+    axis = axis if axis >= 0 else axis + n.rank + 1
+    if axis == 0:
+        raise ValueError("acts across the batch dimension")
+    return axis - 1
+
+
+@register_onnx_op("Softmax")
+def _softmax(n):
+    return nn.Softmax(dim=_sample_axis(n, n.attrs.get("axis", -1)) + 1)  # it sees the batched tensor
+
+
+@register_onnx_op("LayerNormalization")
+def _layer_norm(n):
+    weight = np.asarray(n.const(1))
+    bias = n.consts[2] if len(n.consts) > 2 else None
+    if _sample_axis(n, n.attrs.get("axis", -1)) != n.rank - weight.ndim:
+        raise ValueError("normalises other dimensions than its scale's")
+    norm = nn.LayerNorm(weight.shape, eps=n.attrs.get("epsilon", 1e-5), dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(_tensor(weight))
+        norm.bias.copy_(_tensor(bias) if bias is not None else torch.zeros(weight.shape))
+    return norm
+
+
+@register_onnx_op("Transpose")
+def _transpose(n):
+    perm = list(n.attrs["perm"])
+    if perm[0] != 0:
+        raise ValueError(f"moves the batch dimension (perm {perm}); export with batch-first layouts")
+    return Permute([p - 1 for p in perm[1:]])
+
+
+@register_onnx_op("GlobalAveragePool")
+def _global_pool(n):
+    return (nn.AdaptiveAvgPool1d if n.rank == 2 else nn.AdaptiveAvgPool2d)(1)
+
+
+@register_onnx_op("ReduceMean")
+def _reduce_mean(n):
+    axes = n.attrs.get("axes", None)
+    if axes is None:
+        axes = n.consts[1] if len(n.consts) > 1 and n.consts[1] is not None else range(n.rank + 1)
+    return Mean([_sample_axis(n, int(a)) for a in np.asarray(axes).reshape(-1)], n.attrs.get("keepdims", 1))
+
+
+def _axes_reshape(n, squeeze):
+    axes = n.attrs.get("axes", None)
+    axes = np.asarray(axes if axes is not None else n.consts[1]).reshape(-1)
+    shape = list(n.shape)
+    if squeeze:
+        keep = [d for i, d in enumerate(shape) if i not in {_sample_axis(n, int(a)) for a in axes}]
+        return Reshape(keep)
+    for a in sorted(int(a) if a >= 0 else int(a) + n.rank + 1 + len(axes) for a in axes):
+        if a == 0:
+            raise ValueError("adds a dimension before the batch")
+        shape.insert(a - 1, 1)
+    return Reshape(shape)
+
+
+register_onnx_op("Squeeze")(lambda n: _axes_reshape(n, squeeze=True))
+register_onnx_op("Unsqueeze")(lambda n: _axes_reshape(n, squeeze=False))
 for _name in ("Identity", "Dropout"):
     register_onnx_op(_name)(lambda n: None)
 
@@ -219,46 +296,136 @@ def _input_shape(graph, consts):
     return inputs[0].name, dims
 
 
-def _output_rank(layer, rank):
-    probe = {nn.Flatten: 1, Reshape: None}
-    for cls, new in probe.items():
-        if isinstance(layer, cls):
-            return new if new is not None else len(layer.shape)
-    return rank
-
-
 def onnx_to_torch(model):
-    """A `Network` computing the same function as the ONNX `model` (an onnx.ModelProto)."""
+    """A module computing the same function as the ONNX `model` (an onnx.ModelProto): a `Network`
+    when the graph is a chain, else a torch.fx GraphModule; either has `input_shape`."""
     graph = model.graph
     consts = _constants(graph)
     current, dims = _input_shape(graph, consts)
     # an input of rank 1 has no batch dimension; otherwise the first dimension is the batch
     input_shape = dims if len(dims) == 1 else dims[1:]
-    rank = None if len(dims) == 1 else len(input_shape)
-    layers, problems = [], []
+    builder = _Builder(current, input_shape, batched=len(dims) > 1)
     for node in graph.node:
-        if node.op_type == "Constant":
-            continue
+        if node.op_type != "Constant":
+            builder.add(node, consts)
+    if builder.problems:
+        raise UnsupportedOperationError(builder.problems, what="the ONNX importer",
+                                        hint="export the model with the supported ops")
+    outputs = [o.name for o in graph.output]
+    if len(outputs) != 1 or outputs[0] not in builder.values:
+        raise CheckpointError(f"the ONNX graph has {len(outputs)} outputs or an output no node computes; "
+                              "diffprobe compares single-output models")
+    return builder.module(outputs[0]).to(_compute_dtype(graph, consts))
+
+
+def _as_initializer(name, value):
+    from onnx import numpy_helper
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+class _Builder:
+    """Collects the graph's nodes as modules and joins, each run on a probe so every value's
+    per-sample shape is known; a chain becomes a `Network`, anything else an fx GraphModule."""
+
+    _JOINS = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.truediv,
+              "MatMul": operator.matmul}
+
+    def __init__(self, name, input_shape, batched):
+        self.input_name, self.input_shape, self.batched = name, tuple(input_shape), batched
+        self.graph, self.root = torch.fx.Graph(), nn.Module()
+        self.values = {name: self.graph.placeholder("x")}
+        self.probes = {name: torch.zeros(1, *input_shape, dtype=torch.float64)}
+        self.layers, self.chain, self.last, self.problems, self.failed = [], True, name, [], set()
+
+    def add(self, node, consts):
+        where = f"{node.op_type} (node '{node.name or node.output[0]}')"
+        if self._folded(node, consts):
+            return
         computed = [i for i in node.input if i and i not in consts]
-        if computed != [current]:
-            problems.append(f"{node.op_type} (node '{node.name or node.output[0]}' is not part of a chain)")
-            continue
-        current = node.output[0]
-        if node.op_type not in _CONVERTERS:
-            problems.append(node.op_type)
-            continue
+        if any(i in self.failed for i in computed):  # already reported where it failed
+            self.failed.update(node.output)
+            return
+        if any(i not in self.values for i in computed):
+            self.problems.append(f"{where} reads a value no earlier node computes")
+            return
+        count = len(self.problems)
         try:
-            layer = _CONVERTERS[node.op_type](_Node(node, consts, rank if rank is not None else 1))
-        except (ValueError, KeyError, TypeError) as exc:
-            problems.append(f"{node.op_type} ({exc})")
-            continue
-        if layer is not None:
-            layers.append(layer)
-            rank = _output_rank(layer, rank if rank is not None else 1)
-    if problems:
-        raise UnsupportedOperationError(problems, what="the ONNX importer",
-                                        hint="export the model as a chain of the supported ops")
-    return Network(_fold_biases(layers), input_shape).to(_compute_dtype(graph, consts))
+            if len(computed) == 1 and node.op_type in _CONVERTERS:
+                self._module(node, consts, computed[0])
+            elif node.op_type in self._JOINS and len(computed) == 2:
+                self._join(self._JOINS[node.op_type], computed, node.output[0])
+            elif node.op_type == "Concat" and len(computed) == len([i for i in node.input if i]):
+                axis = _Node(node, consts, len(self.probes[computed[0]].shape) - 1).attrs.get("axis", 0)
+                if axis == 0 or axis == -len(self.probes[computed[0]].shape):
+                    raise ValueError("concatenates along the batch dimension")
+                self._join(torch.cat, computed, node.output[0], axis=axis, as_list=True)
+            else:
+                self.problems.append(node.op_type if node.op_type not in _CONVERTERS and
+                                     node.op_type not in self._JOINS else f"{where} with this mix of inputs")
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+            self.problems.append(f"{where} ({exc})")
+        if len(self.problems) > count:
+            self.failed.update(node.output)
+
+    def _folded(self, node, consts):
+        """Shape arithmetic becomes constants: Shape of a computed value is its shape with a batch of
+        1 (which Reshape reads as the batch), and a node of constants only is evaluated."""
+        inputs = [i for i in node.input if i]
+        if node.op_type == "Shape" and inputs and inputs[0] in self.probes:
+            attrs = {a.name: a.i for a in node.attribute}
+            shape = np.array(self.probes[inputs[0]].shape, dtype=np.int64)
+            consts[node.output[0]] = shape[attrs.get("start", 0):attrs.get("end", len(shape))]
+            return True
+        if not inputs or any(i not in consts for i in inputs):
+            return False
+        try:
+            from onnx import helper
+            from onnx.reference import ReferenceEvaluator
+            single = helper.make_graph([node], "fold", [], [helper.make_tensor_value_info(o, 0, None) for o in node.output],
+                                       [_as_initializer(i, consts[i]) for i in inputs])
+            results = ReferenceEvaluator(helper.make_model(single)).run(None, {})
+        except Exception:  # not foldable: handled (or refused) as an operation
+            return False
+        consts.update(zip(node.output, results))
+        return True
+
+    def _module(self, node, consts, source):
+        probe = self.probes[source]
+        n = _Node(node, consts, probe.dim() - 1 if self.batched else 1)
+        n.shape = tuple(probe.shape[1:])
+        layer = _CONVERTERS[node.op_type](n)
+        out = node.output[0]
+        if layer is None:  # Identity, Dropout: the same value under another name
+            self.values[out], self.probes[out] = self.values[source], probe
+        else:
+            name = f"n{len(self.layers)}"
+            self.root.add_module(name, layer)
+            self.layers.append(layer)
+            self.values[out] = self.graph.call_module(name, (self.values[source],))
+            with torch.no_grad():
+                self.probes[out] = layer.double()(probe)
+        self.chain = self.chain and source == self.last
+        self.last = out
+
+    def _join(self, fn, sources, out, axis=None, as_list=False):
+        args = [self.values[s] for s in sources]
+        probes = [self.probes[s] for s in sources]
+        if as_list:
+            node, probe = self.graph.call_function(fn, (args,), {"dim": axis}), fn(probes, dim=axis)
+        else:
+            node, probe = self.graph.call_function(fn, tuple(args)), fn(*probes)
+        if probe.shape[0] != 1:
+            raise ValueError("changes the batch dimension")
+        self.values[out], self.probes[out] = node, probe
+        self.chain, self.last = False, out
+
+    def module(self, output):
+        if self.chain and output == self.last:
+            return Network(_fold_biases(self.layers), self.input_shape)
+        self.graph.output(self.values[output])
+        module = torch.fx.GraphModule(self.root, self.graph)
+        module.input_shape = self.input_shape
+        return module
 
 
 _ONNX_DTYPES = {1: torch.float32, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}

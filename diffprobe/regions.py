@@ -233,6 +233,19 @@ def ball(center, eps, norm="inf", clip=None):
     raise RegionError(f"unknown norm '{norm}'; use inf or 2")
 
 
+def _text_of(path):
+    """A VNN-LIB file's text; gzipped ones (as VNN-COMP ships them) are read inflated, to the same limit."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_VNNLIB_BYTES + 1)
+    if data[:2] == b"\x1f\x8b":
+        import gzip
+        with gzip.open(path, "rb") as handle:
+            data = handle.read(MAX_VNNLIB_BYTES + 1)
+    if len(data) > MAX_VNNLIB_BYTES:
+        raise RegionError(f"{path} holds more than {MAX_VNNLIB_BYTES >> 20} MB of VNN-LIB")
+    return data.decode(errors="replace")
+
+
 def _input_index(var, n, path):
     if not re.fullmatch(r"X_\d+", var) or int(var[2:]) >= n:
         raise RegionError(f"{path} bounds {var}, which is not one of its declared inputs X_0..X_{n - 1}")
@@ -264,7 +277,7 @@ def box_from_vnnlib(path, inputs=None):
         if size > MAX_VNNLIB_BYTES:
             raise RegionError(f"{path} has {size / 2**20:.0f} MB; diffprobe reads VNN-LIB files of at most "
                               f"{MAX_VNNLIB_BYTES >> 20} MB")
-        text = Path(path).read_text(errors="replace")
+        text = _text_of(path)
     except OSError as exc:
         raise RegionError(f"cannot read VNN-LIB file {path}: {exc.strerror or exc}") from exc
     text = re.sub(r";[^\n]*", "", text)
