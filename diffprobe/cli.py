@@ -22,8 +22,9 @@ EXIT = {None: 0, Verdict.VERIFIED: 0, Verdict.FALSIFIED: 10, Verdict.UNKNOWN: 5}
 
 # the library speaks in API terms; on the command line they read as flags
 _CLI_TERMS = {"trust=True": "--trust", "force=True": "--force", "arch_kwargs=": "--arch-kwargs",
-              "arch=": "--arch ", "eps=": "--eps ", "clip=": "--clip ", "heldout=": "--data ",
-              "trainer=": "--trainer ", "threshold=": "--threshold ", "resume": "--resume"}
+              "arch=": "--arch ", "eps=": "--eps ", "clip=": "--clip ", "heldout=...": "--data FILE",
+              "trainer=": "--trainer ", "threshold=": "--threshold ", "resume": "--resume",
+              "base={'lr': ...}": "--base lr=...", "base={'momentum': ...}": "--base momentum=..."}
 
 
 def _in_cli_terms(message):
@@ -481,6 +482,8 @@ def report(files, out, force):
 @click.option("--axes", default="seed,bootstrap,lr", show_default=True,
               help="comma-separated: seed, data_order, bootstrap, lr, momentum, or KEY=V1:V2:... for a config key of yours")
 @click.option("--members", type=click.IntRange(min=2), default=4, show_default=True, help="members per axis")
+@click.option("--base", "base_items", multiple=True, metavar="KEY=VALUE",
+              help="the trainer's configuration the axes perturb (repeatable; default: the trainer's `defaults`)")
 @click.option("--data", type=click.Path(exists=True), help="held-out inputs (default: the trainer's heldout())")
 @click.option("--eps", type=NON_NEGATIVE, default=0.05, show_default=True, help="radius of the worst-case balls")
 @click.option("--norm", type=click.Choice(["inf", "2"]), default="inf", show_default=True)
@@ -496,8 +499,8 @@ def report(files, out, force):
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @_friendly
-def stability(trainer, axes, members, data, eps, norm, clip, regions, rank_by, jobs, seed, out, resume, force,
-              as_json, quiet):
+def stability(trainer, axes, members, base_items, data, eps, norm, clip, regions, rank_by, jobs, seed, out, resume,
+              force, as_json, quiet):
     """How far apart do models trained with perturbed initial conditions land? Trains MEMBERS
     models per axis, measures pairwise distances, ranks the axes by spread."""
     from pathlib import Path
@@ -506,11 +509,11 @@ def stability(trainer, axes, members, data, eps, norm, clip, regions, rank_by, j
     from .stability import members_folder
     if resume and not out:
         raise click.UsageError("--resume needs --out FILE (the members are kept next to it)")
-    axes = parse_axes(axes)
+    axes, base = parse_axes(axes), parse_base(base_items)
     check_out(out, [data, trainer.rpartition(":")[0]], force)
     members_dir = members_folder(Path(out).with_suffix(".members"), fresh=not resume) if out else None
     with process_pool(jobs) as executor:
-        study = run_study(trainer, axes=axes, members=members, heldout=data, eps=eps, norm=norm,
+        study = run_study(trainer, axes=axes, members=members, base=base, heldout=data, eps=eps, norm=norm,
                           clip=clip, regions=regions, rank_by=rank_by, executor=executor,
                           members_dir=members_dir, seed=seed, progress=not quiet)
     _save(study, out)
@@ -529,6 +532,17 @@ def parse_axes(text):
     if not axes:
         raise click.UsageError("--axes names no axis; e.g. --axes seed,bootstrap,lr")
     return axes
+
+
+def parse_base(items):
+    """('lr=0.003', 'width=64') -> {'lr': 0.003, 'width': 64}."""
+    base = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--base {item!r} must look like KEY=VALUE, e.g. --base lr=0.003")
+        base[key.strip()] = _scalar(value)
+    return base
 
 
 def _scalar(text):

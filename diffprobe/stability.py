@@ -37,11 +37,15 @@ def axis_values(axis, members, base):
         return [int(base.get(axis) or 0) + i for i in range(members)]
     if axis == "bootstrap":
         return list(range(members))
-    if axis == "lr":  # log-spaced within +-20 %: "slightly different hyperparameters"
-        lr = float(base.get("lr", 0.05))
+    if axis in ("lr", "momentum") and base.get(axis) is None:
+        # perturbing around a made-up value would answer another question than the user's
+        raise DiffprobeError(f"the {axis} axis perturbs the trainer's own {axis}, which diffprobe does not know: "
+                             f"give base={{'{axis}': ...}} or a `defaults` dict on the trainer")
+    if axis == "lr":  # log-spaced within +-20 % of the trainer's own: "slightly different hyperparameters"
+        lr = float(base["lr"])
         return [lr * math.exp(0.2 * (2 * i / max(members - 1, 1) - 1)) for i in range(members)]
     if axis == "momentum":
-        m = float(base.get("momentum", 0.9))
+        m = float(base["momentum"])
         return [min(max(m + 0.05 * (2 * i / max(members - 1, 1) - 1), 0.0), 0.99) for i in range(members)]
     raise DiffprobeError(f"unknown axis '{axis}'; use {', '.join(AXES)} or give (name, [values]) "
                          "for one of your trainer's own config keys")
@@ -173,7 +177,7 @@ def _jsonable(config):
 def _heldout(heldout, train):
     if heldout is None:
         if not hasattr(train, "heldout"):
-            raise DataError("give held-out inputs (heldout=); this trainer has no heldout()")
+            raise DataError("give held-out inputs (heldout=...); this trainer has no heldout()")
         heldout = train.heldout()
     if isinstance(heldout, (str, Path)):
         heldout = load_points(heldout)[0]

@@ -269,17 +269,20 @@ def _interrupted(args, folder, record, lines=3):
     return process.returncode, stderr
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_ctrl_c_exits_130_keeps_finished_points_and_resume_matches_an_uninterrupted_run(tmp_path, jobs):
-    (tmp_path / "arch.py").write_text(ARCH)
+def _drift_files(folder, points):
+    (folder / "arch.py").write_text(ARCH)
     torch.manual_seed(0)
     for name in ("a", "b"):
-        torch.save(nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)).state_dict(), tmp_path / f"{name}.pt")
-    np.save(tmp_path / "data.npy", np.random.default_rng(1).random((300, 3)).astype(np.float32))
+        torch.save(nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)).state_dict(), folder / f"{name}.pt")
+    np.save(folder / "data.npy", np.random.default_rng(1).random((points, 3)).astype(np.float32))
     # a threshold between witness and bound: every point runs a search, so there is time to interrupt
-    args = ["certify", *M, "--data", "data.npy", "--eps", "0.3", "--threshold", "1.5", "--quiet", "--json",
-            "--jobs", str(jobs), "--out", "run.json"]
-    code, stderr = _interrupted(args, tmp_path, tmp_path / "run.jsonl", lines=3 if jobs == 1 else 2)
+    return ["certify", *M, "--data", "data.npy", "--eps", "0.3", "--threshold", "1.5", "--quiet", "--json",
+            "--out", "run.json"]
+
+
+def test_ctrl_c_exits_130_keeps_finished_points_and_resume_matches_an_uninterrupted_run(tmp_path):
+    args = _drift_files(tmp_path, 300)
+    code, stderr = _interrupted(args, tmp_path, tmp_path / "run.jsonl", lines=3)
     lines = stderr.strip().splitlines()
     assert code == 130 and len(lines) == 1 and lines[0].startswith("diffprobe: interrupted"), stderr
     kept = len((tmp_path / "run.jsonl").read_text().splitlines()) - 1
@@ -292,6 +295,13 @@ def test_ctrl_c_exits_130_keeps_finished_points_and_resume_matches_an_uninterrup
     first, second = json.loads(resumed.stdout), json.loads(fresh.stdout)
     assert [(p["bound"], p["found"], p["verdict"]) for p in first["points"]] == \
         [(p["bound"], p["found"], p["verdict"]) for p in second["points"]]
+
+
+def test_ctrl_c_with_worker_processes_is_one_line(tmp_path):
+    args = _drift_files(tmp_path, 3000) + ["--jobs", "2"]  # long enough to be interrupted mid-way
+    code, stderr = _interrupted(args, tmp_path, tmp_path / "run.jsonl", lines=2)
+    lines = stderr.strip().splitlines()
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("diffprobe: interrupted"), stderr
 
 
 def test_a_hostile_result_file_is_escaped_in_the_report(tmp_path):

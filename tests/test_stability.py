@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import diffprobe as dp
+from diffprobe import DiffprobeError
 from diffprobe.capability import ABC, CapabilityRecorder, capability_of, digits_run
 from diffprobe.cli import main
 from diffprobe.stability import axis_values, perturbed
@@ -17,17 +18,40 @@ X = torch.rand(64, 4, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] + X[:, 1] > X[:, 2] + 0.5).long() + (X[:, 3] > 0.7).long()
 
 
+def undeclared(config):
+    """`tiny` without its defaults: diffprobe cannot know its learning rate."""
+    return tiny(config)
+
+
+TINY_DEFAULTS = {"seed": 0, "data_order": 0, "bootstrap": None, "lr": 0.5, "momentum": 0.0, "epochs": 5,
+                 "batch": 16}
+
+
 def tiny(config):
     """A 4-8-3 classifier of synthetic data, honouring seed / data_order / bootstrap / lr."""
     from diffprobe.trainers import bootstrap_indices, sgd
-    config = {"seed": 0, "data_order": 0, "bootstrap": None, "lr": 0.5, "momentum": 0.0, "epochs": 5,
-              "batch": 16, **config}
+    config = {**TINY_DEFAULTS, **config}
     keep = bootstrap_indices(len(X), config["bootstrap"])
     return sgd(mlp([4, 8, 3], int(config["seed"])), X[keep], Y[keep], config)
 
 
 tiny.heldout = lambda: X[:32]
+tiny.defaults = TINY_DEFAULTS
+undeclared.heldout = tiny.heldout
 tiny.architecture = lambda config: mlp([4, 8, 3], int(config.get("seed", 0)))
+
+
+def test_the_lr_axis_perturbs_the_trainers_own_lr():
+    with pytest.raises(DiffprobeError, match="the lr axis perturbs the trainer's own lr"):
+        dp.stability(undeclared, axes=["lr"], members=2, heldout=X[:8], regions=0)
+    study = dp.stability(undeclared, axes=["lr"], members=2, heldout=X[:8], regions=0, base={"lr": 0.003})
+    assert study.base["lr"] == 0.003 and max(study.values["lr"]) < 0.004
+    r = CliRunner().invoke(main, ["stability", "--trainer", f"{__file__}:undeclared", "--axes", "lr", "--members", "2",
+                                  "--regions", "0", "--quiet", "--json", "--base", "lr=0.003"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["base"]["lr"] == 0.003
+    missing = CliRunner().invoke(main, ["stability", "--trainer", f"{__file__}:undeclared", "--axes", "lr",
+                                        "--members", "2", "--regions", "0", "--quiet"])
+    assert missing.exit_code == 1 and "--base lr=" in missing.stderr
 
 
 def test_axis_values_vary_one_thing():
