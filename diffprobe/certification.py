@@ -84,7 +84,11 @@ def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, 
     if spec.rows is not None:
         problem = dataclasses.replace(problem, spec=spec.rows)
     lower, upper = within if within is not None else (None, None)
-    for name in methods:
+    # under auto, interval propagation is the last resort when every linear method failed on the graph
+    last_resort = ["ibp"] if skipped is not None and "ibp" not in methods and methods else []
+    for name in [*methods, *last_resort]:
+        if name in last_resort and lower is not None:
+            break
         try:
             l, u = _method_bounds(problem, name, region, lo, hi)
         except UnsupportedOperationError as exc:

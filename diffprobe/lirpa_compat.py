@@ -125,6 +125,8 @@ def import_auto_lirpa():
         finally:
             warnings.simplefilter = simplefilter
     _patch_auto_lirpa(auto_LiRPA)
+    from .lirpa_ops import register
+    register(auto_LiRPA)
     _module = auto_LiRPA
     return _module
 

@@ -192,16 +192,16 @@ def test_unboundable_ops_are_listed_and_kl_is_refused():
         input_shape = (4,)
 
         def forward(self, x):
-            return torch.erf(x[:, :3]) + torch.cumsum(x[:, 1:], dim=1)
+            return torch.cosh(x[:, :3]) + torch.cumsum(x[:, 1:], dim=1)
 
     region = Box(torch.zeros(4), torch.ones(4))
-    with pytest.raises(UnsupportedOperationError, match="Erf") as info:
+    with pytest.raises(UnsupportedOperationError, match="cosh") as info:
         certify(mlp([4, 3], 0), Odd(), region, method="crown", arithmetic="exact")
     assert "CumSum" in str(info.value) or "cumsum" in str(info.value).lower()
     # auto degrades instead: the witness, an unbounded bound, and notes naming what failed
     degraded = certify(mlp([4, 3], 0), Odd(), region, threshold=100.0)
     assert degraded.bound == float("inf") and degraded.verdict is Verdict.UNKNOWN and degraded.found > 0
-    assert any("Erf" in n for n in degraded.notes) and '"bound": null' in degraded.to_json()
+    assert any("cosh" in n for n in degraded.notes) and '"bound": null' in degraded.to_json()
     with pytest.raises(UnsupportedOperationError, match="kl"):
         certify(mlp([4, 3], 0), mlp([4, 3], 1), Box(torch.zeros(4), torch.ones(4)), difference="kl")
 
@@ -230,3 +230,13 @@ def test_top1_certificates_have_their_verdict_without_a_threshold():
     a = mlp([3, 6, 2], 0)
     cert = certify(a, a, LinfBall(torch.zeros(3), 0.01), difference="top1", arithmetic="exact")
     assert cert.threshold == 0.0 and cert.verdict is Verdict.VERIFIED
+
+
+@settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), method=st.sampled_from(["ibp", "crown", "alpha-crown"]),
+       approximate=st.sampled_from(["none", "tanh"]), eps=st.floats(0.05, 2.0))
+def test_gelu_networks_are_bounded_soundly(seed, method, approximate, eps):
+    """GELU exports as erf, which auto_LiRPA 0.3 lacked: diffprobe bounds it as the S-shaped function it is."""
+    act = lambda: nn.GELU(approximate=approximate)
+    a, b = mlp([4, 8, 6, 3], seed, act=act), mlp([4, 8, 6, 3], seed + 1, act=act)
+    sandwich(a, b, _region("box", 4, seed, eps), method, arithmetic="exact")
