@@ -6,7 +6,8 @@ branches (residual adds, concatenations, attention) becomes a torch.fx GraphModu
 modules plus the joins. Supported: Gemm, MatMul (with a constant, or of two computed values), Add,
 Sub, Mul, Div, Relu, LeakyRelu, Sigmoid, Tanh, Erf, Gelu, Softmax, LayerNormalization, Flatten,
 Reshape, Squeeze, Unsqueeze, Transpose (the batch dimension kept first), Concat, Constant,
-Identity, Dropout, Conv, BatchNormalization, MaxPool, AveragePool, GlobalAveragePool, ReduceMean.
+Identity, Dropout, Conv, Pad (zeros), BatchNormalization, MaxPool, AveragePool, GlobalAveragePool,
+ReduceMean.
 Anything else gets one error naming every unsupported construct and where it is.
 """
 import operator
@@ -180,6 +181,22 @@ def _axes_reshape(n, squeeze):
             raise ValueError("adds a dimension before the batch")
         shape.insert(a - 1, 1)
     return Reshape(shape)
+
+
+@register_onnx_op("Pad")
+def _pad(n):
+    """Zero padding of the last one or two dimensions (how convolution exports pad)."""
+    mode = _text(n.attrs.get("mode", b"constant"))
+    pads = n.attrs.get("pads", None)
+    pads = list(np.asarray(pads if pads is not None else n.const(1)).reshape(-1))
+    value = n.consts[2] if len(n.consts) > 2 and n.consts[2] is not None else 0
+    if mode != "constant" or float(np.asarray(value).reshape(-1)[0] if np.size(value) else 0) != 0:
+        raise ValueError(f"{mode} padding with value {value}: only zero padding is read")
+    half = len(pads) // 2
+    begin, end = pads[:half], pads[half:]
+    if any(begin[:-2]) or any(end[:-2]):
+        raise ValueError("pads the batch or channel dimension")
+    return nn.ZeroPad2d((int(begin[-1]), int(end[-1]), int(begin[-2]), int(end[-2])))
 
 
 register_onnx_op("Squeeze")(lambda n: _axes_reshape(n, squeeze=True))

@@ -107,3 +107,14 @@ def test_gzipped_onnx_and_batch_moving_transposes(tmp_path):
     _export(Heads().eval(), (4, 8), tmp_path / "heads.onnx", False)
     with pytest.raises(dp.UnsupportedOperationError, match="moves the batch dimension"):
         dp.load_model(tmp_path / "heads.onnx")
+
+
+def test_zero_padding_exports_import(tmp_path):
+    from onnx.reference import ReferenceEvaluator
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ZeroPad2d((1, 2, 0, 1)), nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten()).eval()
+    _export(model, (1, 6, 6), tmp_path / "pad.onnx", False)
+    x = torch.rand(2, 1, 6, 6)
+    reference = np.concatenate([ReferenceEvaluator(str(tmp_path / "pad.onnx")).run(None, {"x": x[i:i + 1].numpy()})[0]
+                                for i in range(2)])
+    assert np.abs(dp.load_model(tmp_path / "pad.onnx")(x).detach().numpy() - reference).max() < 1e-6
