@@ -3,7 +3,7 @@
 Search finds a witness (a lower bound on the worst-case difference); certify bounds the
 difference over a whole input region (an upper bound). Both take the same few plain types.
 """
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .differences import DIFFERENCES, Difference, get_difference, register_difference
 from .errors import (CheckpointError, DataError, DiffprobeError, OutputError, RegionError, ShapeMismatchError,

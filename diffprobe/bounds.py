@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .deployment import is_quantized
+from .execution import is_quantized
 from .differential import ChainBounds, DifferentialBounds, matching_layers
 from .errors import UnsupportedOperationError
 from .graph import DifferenceGraph

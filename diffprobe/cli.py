@@ -13,7 +13,7 @@ import warnings
 
 import click
 
-from . import __version__
+from .version import __version__
 from .differences import DIFFERENCES
 from .errors import DiffprobeError
 from .results import Verdict

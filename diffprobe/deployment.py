@@ -9,9 +9,12 @@ its exact float64 stand-in for gradients, and its lowered chain for the bound me
   fp64 / fp32 / fp16 / bf16   a float model cast to that format first (`model.half()` for fp16).
 """
 import copy
+
 import torch
 
+from . import quantized  # noqa: F401  (registers the quantised modules' stages with lowering)
 from .errors import DiffprobeError
+from .execution import float_tensors, is_quantized
 
 ARITHMETICS = ("native", "exact", "fp64", "fp32", "fp16", "bf16")
 _CAST = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -35,48 +38,6 @@ def deployed(model, arithmetic):
     return copy.deepcopy(model).to(_CAST[arithmetic])
 
 
-_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized",
-                      "torch.ao.nn.qat", "torch.ao.nn.intrinsic.qat", "torch.ao.quantization")
-
-
-def is_quantized(model):
-    """True when `model` holds quantised or fake-quantised modules, or quantised tensors (torchao)."""
-    if any(type(m).__module__.startswith(_QUANTIZED_MODULES) for m in model.modules()):
-        return True
-    return any(_quantized_tensor(t) for t in list(model.parameters()) + list(model.buffers()))
-
-
-def _quantized_tensor(t):
-    return t.is_quantized or type(t) not in (torch.Tensor, torch.nn.Parameter)
-
-
-def _float_tensors(model):
-    return [t for t in list(model.parameters()) + list(model.buffers())
-            if t.is_floating_point() and not _quantized_tensor(t)]
-
-
-def input_dtype(model):
-    """The dtype a model's input is cast to when it runs: its first floating parameter's (fp16 for a
-    `model.half()`); float32 for quantised and parameter-free models."""
-    if is_quantized(model):
-        return torch.float32
-    tensors = _float_tensors(model)
-    return tensors[0].dtype if tensors else torch.float32
-
-
-def batch_dependent(model):
-    """True when one row's output depends on the other rows of the batch: activations quantised
-    with one dynamic scale per batch tensor (torch.ao dynamic quantisation, torchao per-tensor)."""
-    for m in model.modules():
-        if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic"):
-            return True
-    for t in model.parameters():
-        kwargs = getattr(t, "act_quant_kwargs", None)
-        if kwargs is not None and type(getattr(kwargs, "granularity", None)).__name__ == "PerTensor":
-            return True
-    return False
-
-
 def describe(model, arithmetic):
     """What a certificate under `arithmetic` covers for this model: 'exact', a float format
     ('fp16', ...), or 'int8' plus the format of the float parts ('int8+fp32')."""
@@ -84,16 +45,9 @@ def describe(model, arithmetic):
     if arithmetic == "exact":
         return "exact"
     model = deployed(model, arithmetic)
-    tensors = _float_tensors(model)
+    tensors = float_tensors(model)
     dtype = tensors[0].dtype if tensors else torch.float32
     return ("int8+" if is_quantized(model) else "") + format_of(dtype).name
-
-
-def run_native(model, x):
-    """`model` on float64 inputs as it runs: x cast to its input dtype, one row at a time when its
-    rows depend on each other, the output in float64."""
-    from .graph import _run
-    return _run(model, x, input_dtype(model), batch_dependent(model))
 
 
 class Deployment:

@@ -2,7 +2,9 @@
 
 Each operator maps the outputs (a, b) of a batch to per-output values [batch, k] and reduces
 them to one number per sample, the quantity the search maximises and the certificate bounds.
-Registry: plain dict `DIFFERENCES` plus `register_difference`; CLI choices derive from it.
+Registry: plain dict `DIFFERENCES` plus `register_difference`; CLI choices derive from it. The
+`Objective` algebra (differences and input priors combined with +, - and scalar *) lives here too, so
+both directions of the conversion are in one module; the priors are in `diffprobe.objectives`.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -29,17 +31,14 @@ class Difference:
 
     # differences combine with priors and each other into search objectives (diffprobe.objectives)
     def __add__(self, other):
-        from .objectives import as_objective
         return as_objective(self) + other
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        from .objectives import as_objective
         return as_objective(self) - other
 
     def __mul__(self, scale):
-        from .objectives import as_objective
         return as_objective(self) * scale
 
     __rmul__ = __mul__
@@ -123,3 +122,53 @@ register_difference(Difference(
 register_difference(Difference(
     "top1", "top-1 flip margin: max_j model_b_j - model_b_y with y = argmax model_a; > 0 means the labels differ",
     _flip_margins, lambda v: v.amax(dim=1), "top1"))
+
+
+# --- search objectives: differences and priors combined with +, - and scalar * -----------------
+
+class Objective:
+    def __init__(self, name, fn, base=None):
+        self.name, self.fn = name, fn
+        self.base = base  # the difference this objective is built on, reported as `found`
+
+    def __call__(self, a, b, x):
+        return self.fn(a, b, x)
+
+    def __add__(self, other):
+        other = as_objective(other)
+        return Objective(f"{self.name} + {other.name}", lambda a, b, x: self(a, b, x) + other(a, b, x),
+                         self.base or other.base)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        other = as_objective(other)
+        return Objective(f"{self.name} - {other.name}", lambda a, b, x: self(a, b, x) - other(a, b, x),
+                         self.base or other.base)
+
+    def __rsub__(self, other):
+        return as_objective(other) - self
+
+    def __mul__(self, scale):
+        if not isinstance(scale, (int, float)):
+            return NotImplemented
+        name = self.name if " " not in self.name else f"({self.name})"
+        return Objective(f"{scale:g} * {name}" if scale != -1 else f"-{name}",
+                         lambda a, b, x: scale * self(a, b, x), self.base)
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return (-1.0) * self
+
+    def __repr__(self):
+        return f"Objective({self.name})"
+
+
+def as_objective(obj):
+    if isinstance(obj, Objective):
+        return obj
+    if isinstance(obj, (str, Difference)):
+        diff = get_difference(obj)
+        return Objective(diff.name, lambda a, b, x: diff(a, b), diff)
+    raise TypeError(f"cannot combine a {type(obj).__name__} with an objective")

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from .errors import ShapeMismatchError, UnsupportedOperationError
+from .execution import batch_dependent, input_dtype, run, run_native
 
 
 def _squeezed(shape):
@@ -46,7 +47,6 @@ def guessed_shape(model):
 def accepts(model, shape):
     """Whether `model` maps a batch of inputs of this per-sample shape to one output per sample (a
     batch of two, so a layer that would read the batch as channels or tokens is caught)."""
-    from .deployment import run_native
     try:
         with torch.no_grad():
             out = run_native(model, torch.zeros(2, *shape, dtype=torch.float64))
@@ -87,7 +87,7 @@ def common_input_shape(model_a, model_b, given=()):
 
 
 class Pair(nn.Module):
-    """Both models on one input, each as it runs (see `deployment.run_native`): the input reshaped
+    """Both models on one input, each as it runs (see `execution.run_native`): the input reshaped
     to the model's own layout and cast to its input dtype, outputs in float64."""
 
     def __init__(self, model_a, model_b, input_shape):
@@ -99,7 +99,6 @@ class Pair(nn.Module):
         self._refresh()
 
     def _refresh(self):
-        from .deployment import batch_dependent, input_dtype
         self.runs = [(input_dtype(m), batch_dependent(m)) for m in (self.model_a, self.model_b)]
 
     def _apply(self, fn, *args, **kwargs):  # .double(), .to(...): the input dtypes follow
@@ -109,8 +108,8 @@ class Pair(nn.Module):
 
     def outputs(self, x):
         n = x.shape[0]
-        a = _run(self.model_a, self._as(x, self.shape_a), *self.runs[0])
-        b = _run(self.model_b, self._as(x, self.shape_b), *self.runs[1])
+        a = run(self.model_a, self._as(x, self.shape_a), *self.runs[0])
+        b = run(self.model_b, self._as(x, self.shape_b), *self.runs[1])
         if a.reshape(n, -1).shape != b.reshape(n, -1).shape:
             raise ShapeMismatchError(f"output shapes differ: model_a gives {list(a.shape[1:])}, "
                                      f"model_b gives {list(b.shape[1:])}; compare models with the same outputs")
@@ -122,13 +121,6 @@ class Pair(nn.Module):
 
     def forward(self, x):
         return self.outputs(x)
-
-
-def _run(model, x, dtype, rowwise):
-    # no cast node when none is needed, so the traced float64 graph stays minimal
-    x = x if x.dtype == dtype else x.to(dtype)
-    y = torch.cat([model(row) for row in x.split(1)]) if rowwise and len(x) > 1 else model(x)
-    return y if y.dtype == torch.float64 else y.double()
 
 
 class DifferenceGraph(nn.Module):

@@ -10,7 +10,8 @@ a `Declined` naming the module, and callers fall back to methods that trace `for
 
 A chain is found in an `nn.Sequential` (nested ones included) or, for any other module, in its
 torch.fx graph when that graph is a chain. Per-module lowering lives in the `STAGES` registry
-(`register_stage`); quantised modules register theirs in `diffprobe.quantized`.
+(`register_stage`); quantised modules register theirs in `diffprobe.quantized`, which the callers
+(`deployment`, `milp`) import.
 """
 import copy
 import math
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .arithmetic import FORMATS, dot_error, format_of
+from .execution import input_dtype, run_native
 from .layers import Elementwise, Network, Reshape
 
 MAX_DENSE = 25_000_000  # entries of one lowered matrix (200 MB in float64)
@@ -159,14 +161,17 @@ def _cast(ctx, dtype):
 register_stage(nn.Conv1d, nn.Conv2d, nn.Conv3d)(lambda m, ctx: _affine_stage(m, ctx))
 
 
+WEIGHT_TYPES = {}  # an nn.Linear whose weight is a tensor subclass: its stage, by (module, class) name
+
+
 @register_stage(nn.Linear)
 def _linear(module, ctx):
     kind = type(module.weight)
     if kind in (torch.Tensor, nn.Parameter):
         return _affine_stage(module, ctx)
-    if kind.__name__ == "Int8Tensor" and kind.__module__.startswith("torchao"):
-        from .quantized import torchao_linear
-        return torchao_linear(module, ctx)
+    builder = WEIGHT_TYPES.get((kind.__module__.split(".")[0], kind.__name__))
+    if builder is not None:
+        return builder(module, ctx)
     raise Declined(f"{ctx.name} (nn.Linear) holds a {kind.__module__}.{kind.__name__} weight, which "
                    "diffprobe does not model")
 @register_stage(nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
@@ -356,7 +361,6 @@ class Chain:
     def check(self, model, points):
         """Raise Declined unless the deployed module's outputs on `points` ([n, *shape], float64),
         run one at a time, lie within the chain's bounds at those points."""
-        from .deployment import run_native
         lo, hi = self.forward_bounds(points, points)
         with torch.no_grad():
             out = torch.cat([run_native(model, p.unsqueeze(0)) for p in points]).reshape(len(points), -1)
@@ -399,7 +403,6 @@ def lower(model, input_shape, exact=False):
     """The `Chain` of `model` (in its own dtypes and quantisation; `exact=True`: no error terms),
     or raise `Declined` naming the module that stops it. Hooks, parametrisations and subclasses
     of known modules are declined: their forward is not what their type says."""
-    from . import quantized  # noqa: F401  (registers the quantised modules' stages)
     _check_no_global_hooks()
     dtype = torch.float64
     ctx = Context(tuple(input_shape), dtype, exact=exact)
@@ -432,7 +435,6 @@ def _reshape_step(shape, name, ctx):
 def _node_shapes(model, input_shape):
     """Per-sample output shapes of the fx graph's nodes, from a probe of batch 2."""
     from torch.fx.passes.shape_prop import ShapeProp
-    from .deployment import input_dtype
     graph = torch.fx.GraphModule(model, _LeafTracer().trace(model))
     try:
         ShapeProp(graph).propagate(torch.zeros(2, *input_shape, dtype=input_dtype(model)))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from . import quantized  # noqa: F401  (registers the quantised modules' stages with lowering)
 from .errors import DiffprobeError, UnsupportedOperationError
 from .graph import compose, fit_region
 from .lowering import Declined, lower

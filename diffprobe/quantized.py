@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .arithmetic import FORMATS, format_of
-from .lowering import OBSERVED, RELU, Declined, Stage, _cast, dense, register_stage
+from .lowering import OBSERVED, RELU, WEIGHT_TYPES, Declined, Stage, _cast, dense, register_stage
 
 _FP32 = FORMATS[torch.float32]
 _SAFETY = 1 + 2.0 ** -16  # a scale computed in fp32 may be a few ulps above its exact value
@@ -266,3 +266,6 @@ def torchao_linear(module, ctx):
         abs_sum = _magnitude(x_lo, x_hi) @ absw.T + b.abs()
         return (_FP32.gamma(2) + fmt.gamma(3)) * abs_sum + fmt.rounding_error(_magnitude(y_lo, y_hi))
     return stages + [Stage(ctx.name, w, b, ctx.shape, input_error=input_error, output_error=output_error)]
+
+
+WEIGHT_TYPES[("torchao", "Int8Tensor")] = torchao_linear

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .version import __version__
+
 
 class Verdict(str, enum.Enum):
     VERIFIED = "verified"
@@ -18,8 +20,7 @@ class Verdict(str, enum.Enum):
 
 
 def provenance(seed, **extra):
-    import diffprobe
-    return {"diffprobe": diffprobe.__version__, "torch": torch.__version__,
+    return {"diffprobe": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "seed": seed, **extra}
 
 
