@@ -13,12 +13,12 @@ from .loading import load_model
 from .regions import L2Ball, LinfBall, Box, ball, box_from_vnnlib
 from .results import (CapabilityStudy, Certificate, DriftReport, SearchResult, StabilityStudy, StructuralStability,
                       Verdict)
-from .search import search
-from .dream import dream
+from ._search import search
+from ._dream import dream
 from .certification import certify
-from .drift import drift
-from .stability import stability, structural_stability
-from .capability import CapabilityRecorder, capability
+from ._drift import drift
+from ._stability import stability, structural_stability
+from ._capability import CapabilityRecorder, capability
 
 
 __all__ = ["search", "dream", "certify", "drift", "stability", "structural_stability", "DriftReport",

@@ -15,7 +15,7 @@ from .errors import DiffprobeError, UnsupportedOperationError
 from .graph import fit_region
 from .results import Certificate, Verdict, provenance
 from .progress import progress_bar
-from .search import search_pair, warn_masking
+from ._search import search_pair, warn_masking
 
 _INF = float("inf")
 

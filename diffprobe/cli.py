@@ -506,7 +506,7 @@ def stability(trainer, axes, members, base_items, data, eps, norm, clip, regions
     from pathlib import Path
     from . import stability as run_study
     from .report import stability_text
-    from .stability import members_folder
+    from ._stability import members_folder
     if resume and not out:
         raise click.UsageError("--resume needs --out FILE (the members are kept next to it)")
     axes, base = parse_axes(axes), parse_base(base_items)

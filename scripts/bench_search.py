@@ -18,7 +18,7 @@ import torch
 import diffprobe as dp
 from diffprobe.differences import get_difference
 from diffprobe.graph import compose, fit_region
-from diffprobe.layers import random_network
+from diffprobe_examples.networks import random_network
 
 NETS = Path(__file__).resolve().parents[2] / "shared" / "nets"
 STEPS, RESTARTS = 100, 8

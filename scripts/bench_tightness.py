@@ -22,7 +22,7 @@ from diffprobe.bounds import METHODS, build_problem, differential_engine
 from diffprobe.deployment import deploy
 from diffprobe.graph import fit_region
 from diffprobe.layers import Network
-from diffprobe.pruning import prune_neurons
+from diffprobe_examples.pruning import prune_neurons
 
 NETS = Path(__file__).resolve().parents[2] / "shared" / "nets"
 

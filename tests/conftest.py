@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffprobe.layers import random_network as mlp  # noqa: F401  (the tests import mlp from here)
+from diffprobe_examples.networks import random_network as mlp  # noqa: F401  (the tests import mlp from here)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "nets"
 

@@ -141,7 +141,7 @@ def test_splitting_never_loosens_the_bound():
     # the differential relaxation is not monotone in the box: on this box, children bounded alone
     # came out looser than their parent and the reported bound rose from 1e-3 to 2.5e-3
     from diffprobe.certification import BranchAndBound, prepare
-    from diffprobe.search import search_pair
+    from diffprobe._search import search_pair
     a = load_model(shared("acasxu/ACASXU_run2a_1_1_batch_2000.nnet"))
     b = load_model(shared("acasxu_fp16/ACASXU_run2a_1_1_batch_2000_16bit.nnet"))
     diff = get_difference("elementwise")

@@ -13,7 +13,7 @@ from torch import nn
 import diffprobe as dp
 from diffprobe.cli import main
 from diffprobe.deployment import deploy
-from diffprobe.layers import random_network
+from diffprobe_examples.networks import random_network
 from conftest import examples, shared
 from diffprobe_examples.deployed import (KINDS, deployed_copy, digits_classifier, native_max, small_cnn,
                              torchao_available)

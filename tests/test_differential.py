@@ -11,7 +11,7 @@ from diffprobe.deployment import deploy
 from diffprobe.differential import DifferentialBounds, matching_layers
 from diffprobe.layers import Elementwise, Network
 from diffprobe.lowering import Declined, lower
-from diffprobe.pruning import pruned_copy
+from diffprobe_examples.pruning import pruned_copy
 from conftest import mlp, shared, examples
 
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import diffprobe as dp
-from diffprobe.dream import _transformed, colour_matrix, image_shape
+from diffprobe._dream import _transformed, colour_matrix, image_shape
 from diffprobe.graph import compose
 from diffprobe.layers import Network
 from diffprobe.objectives import tv

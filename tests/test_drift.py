@@ -169,7 +169,7 @@ def test_data_files_with_labels_and_vnnlib_folders(tmp_path):
 
 def test_ctrl_c_keeps_finished_points_and_resume_completes(tmp_path, monkeypatch):
     import importlib
-    drift_module = importlib.import_module("diffprobe.drift")  # the package exports the function under this name
+    drift_module = importlib.import_module("diffprobe._drift")
     a, b = mlp([4, 6, 2], 0), mlp([4, 6, 2], 1)
     points = torch.rand(6, 4, dtype=torch.float64)
     real, calls = drift_module.run_chunk, []

@@ -120,7 +120,7 @@ def test_a_stalled_ascent_hands_its_budget_to_the_gradient_free_search():
 
 def test_data_points_nearest_a_decision_boundary_start_the_search():
     from diffprobe.graph import compose
-    from diffprobe.search import _Evaluator
+    from diffprobe._search import _Evaluator
     from diffprobe.differences import get_difference
     a, b = mlp([2, 8, 3], 0), mlp([2, 8, 3], 1)
     box = Box(-torch.ones(2), torch.ones(2))

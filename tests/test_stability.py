@@ -9,9 +9,10 @@ from torch import nn
 
 import diffprobe as dp
 from diffprobe import DiffprobeError
-from diffprobe.capability import ABC, CapabilityRecorder, capability_of, digits_run
+from diffprobe._capability import CapabilityRecorder, capability_of
+from diffprobe_examples.capability import ABC, digits_run
 from diffprobe.cli import main
-from diffprobe.stability import axis_values, perturbed
+from diffprobe._stability import axis_values, perturbed
 from conftest import mlp
 
 X = torch.rand(64, 4, generator=torch.Generator().manual_seed(0))

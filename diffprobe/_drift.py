@@ -25,7 +25,7 @@ from .progress import progress_bar
 from .regions import L2Ball, ball
 from .checkpoint import Checkpoint
 from .results import DriftReport, Verdict, provenance
-from .search import MASKING, search_pair
+from ._search import MASKING, search_pair
 
 
 

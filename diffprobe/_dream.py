@@ -17,7 +17,7 @@ from .graph import compose
 from .objectives import as_objective
 from .progress import progress_bar
 from .regions import Box
-from .search import objective_of, witness_result
+from ._search import objective_of, witness_result
 
 PARAMETERISATIONS = ("pixel", "sigmoid", "fft")
 TRANSFORMS = ("jitter", "scale", "rotate")

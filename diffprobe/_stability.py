@@ -242,7 +242,7 @@ def _distances(models, x, eps, norm, clip, regions, search_steps, seed):
 
 def _worst_case(a, b, centers, eps, norm, clip, search_steps, seed):
     """The largest difference found by search and the certified bound over balls around `centers`."""
-    from .drift import drift
+    from ._drift import drift
     report = drift(a, b, centers, eps=eps, norm=norm, clip=clip, search_steps=search_steps,
                    search_restarts=4, seed=seed)
     return {"found": report.found, "certified": report.bound}
