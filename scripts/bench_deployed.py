@@ -3,7 +3,7 @@ small digits CNN, each against its fp16, bf16, int8-dynamic (torch.ao, Linear la
 int8-static (torch.ao, every layer) copy, on L-inf balls of radius 0.02 around test images,
 clipped to [0, 1]; then certified drift of the MLP's int8-dynamic copy over 1,000 points.
 
-    python scripts/bench_deployed.py [--balls N] [--points N] [--thresholds T ...]
+    python scripts/bench_deployed.py [--balls N] [--points N] [--thresholds T ...] [--docs]
 
 Per pair, medians over the balls of: the search's witness on the deployed modules, the largest
 difference found by sampling 2,000 points plus a 50-step PGD of the benchmark's own (gradients of
@@ -55,26 +55,34 @@ def drift_row(points, threshold):
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--docs", action="store_true", help="also rewrite the tables in docs/benchmarks.md")
     parser.add_argument("--balls", type=int, default=5)
     parser.add_argument("--points", type=int, default=1000)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[3.0, 0.5])
     args = parser.parse_args()
-    print("| pair | native witness (search) | native sampled + PGD | native bound | exact bound | "
-          "native bound / native witness | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    balls = [emit("| pair | native witness (search) | native sampled + PGD | native bound | exact bound | "
+                  "native bound / native witness | seconds |"), emit("|---|---|---|---|---|---|---|")]
     for name, kind, model, copy_, x_test in pairs():
         rows = [ball_row(model, copy_, x_test[i]) for i in range(args.balls)]
         med = [statistics.median(column) for column in zip(*rows)]
-        print(f"| {name} vs {kind} | {med[0]:.3g} | {med[1]:.3g} | {med[2]:.3g} | {med[3]:.3g} | "
-              f"{med[4]:.2f} | {med[5]:.2f} |", flush=True)
-    print("\n| drift, digits MLP vs int8-dynamic | points | threshold | seconds | verified | falsified | unknown | "
-          "worst bound | worst found |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        balls.append(emit(f"| {name} vs {kind} | {med[0]:.3g} | {med[1]:.3g} | {med[2]:.3g} | {med[3]:.3g} | "
+                          f"{med[4]:.2f} | {med[5]:.2f} |"))
+    drift = [emit("\n| drift, digits MLP vs int8-dynamic | points | threshold | seconds | verified | falsified | "
+                  "unknown | worst bound | worst found |"), emit("|---|---|---|---|---|---|---|---|---|")]
     for threshold in args.thresholds:  # one the bounds meet; one that leaves most points to the search
         report, seconds = drift_row(args.points, threshold)
         c = report.counts
-        print(f"| L-inf {EPS} | {len(report.points)} | {threshold} | {seconds:.1f} | {c['verified']} | "
-              f"{c['falsified']} | {c['unknown']} | {report.bound:.3g} | {report.found:.3g} |", flush=True)
+        drift.append(emit(f"| L-inf {EPS} | {len(report.points)} | {threshold} | {seconds:.1f} | {c['verified']} | "
+                          f"{c['falsified']} | {c['unknown']} | {report.bound:.3g} | {report.found:.3g} |"))
+    if args.docs:
+        from docs_section import update_section
+        update_section("docs/benchmarks.md", "bench_deployed", "\n".join(balls))
+        update_section("docs/benchmarks.md", "bench_deployed_drift", "\n".join(drift))
+
+
+def emit(line):
+    print(line, flush=True)
+    return line
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 every pair certified around test image 0 (L-inf 0.02, clipped to [0, 1]) with `auto`, in the models'
 native arithmetic.
 
-    python scripts/zoo_table.py
+    python scripts/zoo_table.py [--docs]    (--docs: also rewrite the table in README.md)
 """
 import tempfile
 import warnings
@@ -33,14 +33,20 @@ def row(name):
 
 
 def main():
+    import sys
     warnings.simplefilter("ignore")
-    print("| zoo pair | arithmetic | methods that bounded it | found | bound | bound / found | why unbounded |")
-    print("|---|---|---|---|---|---|---|")
+    lines = ["| zoo pair | arithmetic | methods that bounded it | found | bound | bound / found | why unbounded |",
+             "|---|---|---|---|---|---|---|"]
+    print("\n".join(lines))
     for name in ZOO:
         try:
-            print(row(name), flush=True)
+            lines.append(row(name))
         except ImportError as exc:
-            print(f"| {name} | - | needs {exc.name} | - | - | - | - |")
+            lines.append(f"| {name} | - | needs {exc.name} | - | - | - | - |")
+        print(lines[-1], flush=True)
+    if "--docs" in sys.argv[1:]:
+        from docs_section import update_section
+        update_section("README.md", "zoo_table", "\n".join(lines))
 
 
 if __name__ == "__main__":
