@@ -33,7 +33,7 @@ def deployed_copy(model, kind, calibration=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices
         if kind == "int8-dynamic":
-            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+            return dynamic_int8(model)
         if kind == "int8-static":
             import torch.ao.quantization as tq
             wrapped = nn.Sequential(tq.QuantStub(), *model, tq.DeQuantStub()).eval()
@@ -81,8 +81,7 @@ def digits_classifier():
     from diffprobe.demo import digits_data, train
     x, y, x_test, _ = digits_data(0)
     torch.manual_seed(0)
-    model = Network([nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)], (64,))
-    return train(model, x, y, epochs=20), x_test
+    return train(digits_architecture(), x, y, epochs=20), x_test
 
 
 def digits_architecture():
@@ -92,9 +91,15 @@ def digits_architecture():
 
 def digits_int8_architecture():
     """The same, dynamically quantised: what a torch.ao int8 state_dict loads into."""
+    return dynamic_int8(digits_architecture())
+
+
+def dynamic_int8(model):
+    """`model` with its Linear layers dynamically quantised to int8 by torch.ao (its deprecation
+    notices silenced)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(digits_architecture(), {nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
 
 
 def small_cnn(seed):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from diffprobe.layers import Network
+from diffprobe_examples.deployed import dynamic_int8
 
 HERE = "diffprobe_examples.zoo"
 
@@ -74,9 +75,7 @@ def mlp():
 
 
 def int8_mlp():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(mlp(), {nn.Linear}, dtype=torch.qint8)
+    return dynamic_int8(mlp())
 
 
 def _trained(model, seed=0, epochs=8):
@@ -152,9 +151,7 @@ def int8_pair(folder):
     """An MLP and its torch.ao dynamic int8 copy, saved as a state_dict of the quantised model."""
     torch.manual_seed(0)
     model = _trained(mlp())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    quantized = dynamic_int8(copy.deepcopy(model))
     torch.save(model.state_dict(), folder / "a.pt")
     torch.save(quantized.state_dict(), folder / "b.pt")
     _data(folder, (64,))
