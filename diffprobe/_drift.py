@@ -22,7 +22,7 @@ from .differences import get_difference
 from .errors import DataError, RegionError
 from .graph import common_input_shape
 from .progress import progress_bar
-from .regions import L2Ball, ball
+from .regions import ball
 from .checkpoint import Checkpoint
 from .results import DriftReport, Verdict, provenance
 from ._search import MASKING, search_pair
@@ -179,13 +179,9 @@ def _staged_bounds(problem, spec, methods, regions, threshold, skipped=None):
     """Per-row bounds of every region, each method run only on the regions not yet verified.
     Boxes and L-inf balls go in one batch, and so do L2 balls of one radius and clip (their
     centres stacked); any other mix is bounded one region per call."""
-    if all(r.norm != 2.0 for r in regions):
-        return _staged_batch(problem, spec, methods, regions[0], *_boxes(regions), threshold, skipped=skipped)
-    first = regions[0]
-    if all(isinstance(r, L2Ball) and r.eps == first.eps and r.clip == first.clip for r in regions):
-        stacked = L2Ball(torch.stack([r.center for r in regions]), first.eps, first.clip)
-        return _staged_batch(problem, spec, methods, stacked, *_boxes(regions), threshold, stacked=True,
-                             skipped=skipped)
+    batch = type(regions[0]).stacked(regions)
+    if batch is not None:
+        return _staged_batch(problem, spec, methods, batch, *_boxes(regions), threshold, skipped=skipped)
     parts = [_staged_batch(problem, spec.take([i]), methods, r, *_boxes([r]), threshold, skipped=skipped)
              for i, r in enumerate(regions)]
     return tuple(torch.cat(t) for t in zip(*parts))
@@ -196,14 +192,14 @@ def _boxes(regions):
             torch.stack([r.bounding_box()[1] for r in regions]))
 
 
-def _staged_batch(problem, spec, methods, region, lo, hi, threshold, stacked=False, skipped=None):
-    """`stacked`: `region` is L2 balls with their centres stacked, one per box."""
+def _staged_batch(problem, spec, methods, region, lo, hi, threshold, skipped=None):
+    """`region`: the regions stacked (`Region.stacked`), one per box."""
     lower = upper = scores = None
     for name in methods:
         todo = torch.arange(len(lo)) if scores is None or threshold is None else (scores > threshold).nonzero().reshape(-1)
         if not len(todo):
             break
-        part = L2Ball(region.center[todo], region.eps, region.clip) if stacked else region
+        part = region.take(todo)
         within = None if lower is None else (lower[todo], upper[todo])
         l, u, _ = bound_boxes(problem, spec.take(todo), [name], part, lo[todo], hi[todo], within=within,
                               skipped=skipped)
@@ -230,7 +226,7 @@ def _point(deployment, diff, problem, spec, methods, region, initial, at_center,
     if witness.interrupted:  # a verdict the interrupt changed is never recorded
         raise KeyboardInterrupt
     state = BranchAndBound(problem, spec, methods, region, diff, witness, initial, auto=s.method == "auto")
-    if s.time_budget and region.norm != 2.0 and methods:
+    if s.time_budget and region.is_box and methods:
         state.run(time.perf_counter() + s.time_budget, s.threshold, 0.05, False)
         if state.interrupted:
             raise KeyboardInterrupt

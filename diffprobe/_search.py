@@ -31,21 +31,6 @@ def _checkpoints(steps):
     return set(points)
 
 
-def _direction(grad, region):
-    """The steepest-ascent step of unit size for the region's norm."""
-    if region.norm == 2.0:
-        flat = grad.reshape(grad.shape[0], -1)
-        return grad / flat.norm(dim=1).clamp_min(1e-30).reshape(-1, *[1] * (grad.dim() - 1))
-    return grad.sign()
-
-
-def _step_scale(region, dtype):
-    if region.norm == 2.0:
-        return torch.tensor(region.eps, dtype=dtype)
-    lo, hi = region.bounding_box()
-    return ((hi - lo) / 2).to(dtype)
-
-
 def starting_points(region, n, generator, starts=None):
     """The region centre, points on the surface or corners, random points, and given `starts`."""
     center = region.center.unsqueeze(0)
@@ -175,7 +160,7 @@ def _apgd(evaluate, region, x0, steps, threshold, progress, generator, reserve):
     (screened candidates, best first) or a fresh random one, so on jagged landscapes (quantised
     copies, low-dimensional inputs) the budget buys many short ascents instead of a few stuck ones."""
     dtype = x0.dtype
-    scale = _step_scale(region, dtype)
+    scale = region.step_scale(dtype)
     eta = torch.full((x0.shape[0],) + (1,) * (x0.dim() - 1), 2.0, dtype=dtype)
     x = x0.clone()
     value, grad = evaluate.value_and_grad(x)
@@ -192,7 +177,7 @@ def _apgd(evaluate, region, x0, steps, threshold, progress, generator, reserve):
     # PGD when reseeded that early), so it must stall twice
     stale_checks = 1 if x0[0].numel() <= 32 else 2
     for step in range(1, steps + 1):
-        z = region.project(x + eta * scale * _direction(grad, region))
+        z = region.project(x + eta * scale * region.ascent(grad))
         alpha = 0.75 if step > 1 else 1.0
         x_new = region.project(x + alpha * (z - x) + (1 - alpha) * (x - x_prev))
         x_prev = x
@@ -240,20 +225,6 @@ def _apgd(evaluate, region, x0, steps, threshold, progress, generator, reserve):
     return best_x, best, trace, step
 
 
-def _mutation(region, n, generator):
-    """n random moves that reach across the region: uniform in the bounding box's extent for
-    boxes, random directions of length up to the diameter for L2 balls (a box-shaped move is
-    ~sqrt(d/3) times longer than its size per input, so in 784 dimensions any radius would land
-    on an arbitrary point of the sphere instead of near the best point)."""
-    if region.norm == 2.0:
-        direction = torch.randn((n, *region.shape), generator=generator, dtype=torch.float64)
-        length = 2 * region.eps * torch.rand(n, generator=generator, dtype=torch.float64)
-        flat = direction.reshape(n, -1)
-        return direction * (length / flat.norm(dim=1)).reshape(-1, *[1] * len(region.shape))
-    lo, hi = region.bounding_box()
-    return (hi - lo) * (torch.rand((n, *region.shape), generator=generator, dtype=torch.float64) * 2 - 1)
-
-
 def _random_search(evaluate, region, best_x, best, budget, generator, threshold=None, batch=64):
     """Gradient-free: mutate the best point with shrinking noise, keep what improves (Square/DFlare
     spirit), stop once past `threshold`; also useful to notice gradient masking."""
@@ -261,7 +232,7 @@ def _random_search(evaluate, region, best_x, best, budget, generator, threshold=
     x_best, v_best = best_x[best.argmax()].unsqueeze(0), best.max()
     while spent < budget:
         n = min(batch, budget - spent)
-        cand = region.project(x_best + radius * _mutation(region, n, generator))
+        cand = region.project(x_best + radius * region.mutation(n, generator))
         with torch.no_grad():
             values = evaluate(cand.to(x_best.dtype))
         spent += n

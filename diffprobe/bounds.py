@@ -234,13 +234,8 @@ def _bounded_module(graph, inputs, dtype=torch.float64):
 
 
 def _bounded_input(region, lo, hi, l2=True):
-    if l2 and region.norm == 2.0:
-        lirpa = import_auto_lirpa()
-        # one ball, or (drift) balls of one radius stacked: their centres are already a batch
-        center = region.center.to(lo.dtype)
-        center = center if center.dim() == lo.dim() else center.unsqueeze(0)
-        return lirpa.BoundedTensor(center, lirpa.PerturbationLpNorm(norm=2, eps=region.eps))
-    return _box_input(lo, hi)
+    """The region as auto_LiRPA's input (or, with `l2=False`, its bounding boxes)."""
+    return region.perturbation(import_auto_lirpa(), lo, hi) if l2 else _box_input(lo, hi)
 
 
 def _box_input(lo, hi):
@@ -261,7 +256,7 @@ def _lirpa_bounds(problem, region, lo, hi, method):
     intersection kept. Under IBP only the box: 0.3 propagates an L2 input's interval as its
     centre through any op but Linear/Conv (e.g. a residual add), which is unsound."""
     module = problem.module
-    if region.norm == 2.0:
+    if not region.is_box:
         box = _lirpa_call(problem, module, _inputs(problem, _bounded_input(region, lo, hi, l2=False), lo, hi), method)
         if method == "IBP":
             return box

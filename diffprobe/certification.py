@@ -225,7 +225,7 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
               else witness.found / (1 - tolerance))
     state = BranchAndBound(problem, spec, methods, region, diff, witness, enough=enough, auto=method == "auto")
     state.notes += unbounded_notes(problem, method, methods, spec)
-    if time_budget and region.norm != 2.0 and methods:
+    if time_budget and region.is_box and methods:
         state.run(t0 + time_budget, threshold, tolerance, progress)
     return state.certificate(method if method != "auto" else "auto(" + "+".join(state.ran) + ")",
                              threshold, seed, time.perf_counter() - t0)
@@ -288,7 +288,7 @@ class BranchAndBound:
         self.engine = differential_engine(problem) if "differential" in methods else None
         self.sensitivity = (None if self.engine is None else
                             sum(w.abs().sum(0) for w in self.engine.first_weights))
-        if region.norm == 2.0:
+        if not region.is_box:
             self.notes.append("L2 regions are bounded in one pass (ball bound intersected with the "
                               "bounding-box bound); no branch-and-bound")
 

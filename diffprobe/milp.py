@@ -80,7 +80,7 @@ def exact_max(model_a, model_b, region, *, time_limit=60.0):
     and ReLUs, in exact arithmetic on their stored weights."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
-    if region.norm != float("inf"):
+    if not region.is_box:
         raise UnsupportedOperationError(["an L2 ball"], what="the MILP oracle", hint="give a box or L-inf ball")
     pair = compose(model_a, model_b, region)
     region = fit_region(region, pair.input_shape)

@@ -73,6 +73,35 @@ class Box:
     def reshape(self, shape):
         return Box(self.lower.reshape(shape), self.upper.reshape(shape))
 
+    # --- what search and certification ask of a region ----------------------------------------
+
+    is_box = True  # the region is its bounding box: input splitting and exact MILPs apply
+
+    def ascent(self, grad):
+        """The steepest-ascent direction of unit size in this region's norm: the gradient's sign."""
+        return grad.sign()
+
+    def step_scale(self, dtype):
+        """The length a unit ascent step is scaled by: half of each side."""
+        return ((self.upper - self.lower) / 2).to(dtype)
+
+    def mutation(self, n, generator):
+        """n random moves that reach across the region: uniform in the box's extent."""
+        return (self.upper - self.lower) * (torch.rand((n, *self.shape), generator=generator, dtype=torch.float64) * 2 - 1)
+
+    def perturbation(self, lirpa, lo, hi):
+        """The region as auto_LiRPA's input perturbation over the boxes [lo, hi]."""
+        return lirpa.BoundedTensor((lo + hi) / 2, lirpa.PerturbationLpNorm(norm=float("inf"), x_L=lo, x_U=hi))
+
+    @staticmethod
+    def stacked(regions):
+        """Regions of this kind bounded in one batch (their bounding boxes carry everything), or None."""
+        return regions[0] if all(r.is_box for r in regions) else None
+
+    def take(self, index):
+        """The part of a stacked batch at `index`: for boxes, the bounding boxes say it all."""
+        return self
+
     def split(self, dim):
         """The two halves of the box cut across flattened input dimension `dim`."""
         mid = self.center.reshape(-1)[dim]
@@ -210,6 +239,42 @@ class L2Ball:
 
     def reshape(self, shape):
         return L2Ball(self.center.reshape(shape), self.eps, self.clip)
+
+    is_box = False
+
+    def ascent(self, grad):
+        """The normalised gradient: the steepest-ascent direction of unit L2 length."""
+        flat = grad.reshape(grad.shape[0], -1)
+        return grad / flat.norm(dim=1).clamp_min(1e-30).reshape(-1, *[1] * (grad.dim() - 1))
+
+    def step_scale(self, dtype):
+        return torch.tensor(self.eps, dtype=dtype)
+
+    def mutation(self, n, generator):
+        """Random directions of length up to the diameter (a box-shaped move is ~sqrt(d/3) times
+        longer than its size per input, so in 784 dimensions any radius would land on an arbitrary
+        point of the sphere instead of near the best point)."""
+        direction = torch.randn((n, *self.shape), generator=generator, dtype=torch.float64)
+        length = 2 * self.eps * torch.rand(n, generator=generator, dtype=torch.float64)
+        return direction * (length / direction.reshape(n, -1).norm(dim=1)).reshape(-1, *[1] * len(self.shape))
+
+    def perturbation(self, lirpa, lo, hi):
+        """The ball itself (a batch of balls of one radius: their centres stacked)."""
+        center = self.center.to(lo.dtype)
+        center = center if center.dim() == lo.dim() else center.unsqueeze(0)
+        return lirpa.BoundedTensor(center, lirpa.PerturbationLpNorm(norm=2, eps=self.eps))
+
+    @staticmethod
+    def stacked(regions):
+        """Balls of one radius and clip as one region of stacked centres, or None."""
+        first = regions[0]
+        if all(isinstance(r, L2Ball) and r.eps == first.eps and r.clip == first.clip for r in regions):
+            return L2Ball(torch.stack([r.center for r in regions]), first.eps, first.clip)
+        return None
+
+    def take(self, index):
+        """The stacked balls at `index`."""
+        return L2Ball(self.center[index], self.eps, self.clip)
 
     def describe(self):
         clip = f", clipped to {list(self.clip)}" if self.clip else ""
