@@ -233,7 +233,8 @@ def _point(deployment, diff, problem, spec, methods, region, initial, at_center,
     cert = state.certificate("", s.threshold, s.seed, 0.0)
     verdict = cert.verdict.value if cert.verdict else None
     record.update(bound=cert.bound, found=cert.found, witness=cert.witness, branches=cert.branches,
-                  notes=cert.notes, verdict=verdict, seconds=time.perf_counter() - t0)
+                  notes=cert.notes, verdict=verdict, seconds=time.perf_counter() - t0,
+                  gradient_masked=witness.gradient_masked)
     return record
 
 
@@ -263,7 +264,7 @@ def _report(regions, records, labels, sources, settings, notes, seconds, arithme
         for p in points:
             p["label"] = int(labels[p["index"]])
     counts = {v: sum(p["verdict"] == v for p in points) for v in ("verified", "falsified", "unknown")}
-    masked = sum(any(n.endswith(MASKING) for n in p["notes"]) for p in points)
+    masked = sum(bool(p.get("gradient_masked")) for p in points)
     if masked:
         notes = notes + [f"gradient-free search beat the gradient search on {masked} points: {MASKING}"]
     done = len(points)

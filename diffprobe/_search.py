@@ -66,7 +66,7 @@ class _Evaluator:
         output that differs most at the starts is not always the one that can differ most; an MNIST
         fp16 pair in an L2 ball: 5.46e-4 -> 5.82e-4). Odd restarts ascend the full (non-smooth)
         maximum, so a wrong early choice of output cannot lock the whole search in."""
-        if self.difference is None or self.difference.reduce.__name__ != "_abs_max":
+        if self.difference is None or not self.difference.per_output_max:
             return
         with torch.no_grad():
             per_output = self.difference.per_output(*self.pair.outputs(x))
@@ -271,7 +271,7 @@ def search(model_a, model_b, region, *, difference="elementwise", steps=100, res
                          data=_data_points(data), random_fraction=random_fraction,
                          screen_fraction=screen_fraction, progress=progress)
     result = dataclasses.replace(result, arithmetic=deployment.arithmetic)
-    warn_masking(result.warnings)
+    warn_masking(result)
     return result
 
 
@@ -287,12 +287,11 @@ def _data_points(data):
 MASKING = "gradients may be masked (rounded or quantised model)"
 
 
-def warn_masking(notes, stacklevel=3):
+def warn_masking(result, stacklevel=3):
     """The public entry points (search, certify) raise the masking note as a Python warning too;
-    internal callers (drift over many points) keep it in the notes only."""
-    for note in notes:
-        if note.endswith(MASKING):
-            warnings.warn(note, stacklevel=stacklevel)
+    internal callers (drift over many points) keep it in the result only."""
+    if result.gradient_masked:
+        warnings.warn(next(n for n in result.warnings if n.endswith(MASKING)), stacklevel=stacklevel)
 
 
 def objective_of(difference):
@@ -316,7 +315,7 @@ def search_pair(pair, diff, region, *, steps, restarts, seed, surrogate=None, th
     starts = torch.cat(given + [screened])
     x0 = starting_points(region, restarts, generator, starts)
     evaluate.aim(x0)
-    notes, trace = [], []
+    notes, trace, masked = [], [], False
     with progress_bar(progress, steps) as bar:
         try:
             best_x, best, trace, taken = _apgd(evaluate, region, x0, steps, threshold, bar.update, generator,
@@ -332,6 +331,7 @@ def search_pair(pair, diff, region, *, steps, restarts, seed, surrogate=None, th
             if budget and (threshold is None or max(trace) <= threshold):
                 rx, rv, rtrace = _random_search(evaluate, region, best_x, best, budget, generator, threshold)
                 if rv > best.max() + 1e-12 * max(1.0, abs(best.max().item())) and not zero_grad:
+                    masked = True
                     notes.append(f"gradient-free search beat the gradient search ({rv.item():.4g} > "
                                  f"{best.max().item():.4g}): {MASKING}")
                 best_x, best = torch.cat([best_x, rx]), torch.cat([best, rv.reshape(1)])
@@ -341,8 +341,9 @@ def search_pair(pair, diff, region, *, steps, restarts, seed, surrogate=None, th
             result = witness_result(pair, diff, region, x0[0], evaluate.count, seed, trace,
                                     time.perf_counter() - t0, notes)
             return dataclasses.replace(result, interrupted=True)
-    return witness_result(pair, diff, region, best_x[best.argmax()], evaluate.count, seed,
-                          trace, time.perf_counter() - t0, notes)
+    result = witness_result(pair, diff, region, best_x[best.argmax()], evaluate.count, seed,
+                            trace, time.perf_counter() - t0, notes)
+    return dataclasses.replace(result, gradient_masked=masked)
 
 
 def witness_result(pair, diff, region, x, count, seed, trace, seconds, notes):

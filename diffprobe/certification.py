@@ -28,8 +28,8 @@ class Spec:
     """
 
     def __init__(self, difference, pair, centers):
-        self.kind = difference.certify
-        if not self.kind:
+        self.kind = difference.bounded_as
+        if self.kind is None:
             raise UnsupportedOperationError(
                 [difference.name], what="certification",
                 hint="it is not certifiable with bound propagation; certify 'elementwise' or "
@@ -218,7 +218,7 @@ def certify(model_a, model_b, region, *, difference="elementwise", method="auto"
                           restarts=search_restarts, seed=seed, threshold=threshold)
     if witness.interrupted:  # nothing is certified yet: stop at once
         raise KeyboardInterrupt
-    warn_masking(witness.warnings)
+    warn_masking(witness)
     # the costlier methods run only while they can change the answer: until the bound reaches the
     # threshold (when the witness does not exceed it), else until the gap is within tolerance
     enough = (threshold if threshold is not None and witness.found <= threshold
@@ -274,6 +274,7 @@ class BranchAndBound:
         self.skipped = [] if auto else None  # under `auto` a method that fails is skipped with a note
         self.pair, self.surrogate, self.diff = problem.deployment.pair, problem.deployment.surrogate, diff
         self.found, self.witness = witness.found, torch.tensor(witness.x, dtype=torch.float64)
+        self.gradient_masked = witness.gradient_masked
         self.notes = list(witness.warnings)
         lo, hi = region.bounding_box()
         self.lo, self.hi = lo.unsqueeze(0), hi.unsqueeze(0)

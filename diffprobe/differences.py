@@ -7,7 +7,7 @@ Registry: plain dict `DIFFERENCES` plus `register_difference`; CLI choices deriv
 both directions of the conversion are in one module; the priors are in `diffprobe.objectives`.
 """
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -20,7 +20,8 @@ class Difference:
     description: str
     per_output: Callable  # (a, b) -> [batch, k]
     reduce: Callable  # [batch, k] -> [batch]
-    certify: str  # how the certifier bounds it: "elementwise", "probability", "top1" or "" (not at all)
+    bounded_as: Optional[str]  # the graph the certifier bounds it on: "elementwise", "probability", "top1"; None: not at all
+    per_output_max: bool = False  # the summary is max |per-output value|: the search may ascend one output at a time
 
     def __call__(self, a, b):
         """The scalar disagreement per sample."""
@@ -95,16 +96,17 @@ def _flip_margins(a, b):
 
 register_difference(Difference(
     "elementwise", "model_b(x) - model_a(x) per output; summary max |.| (VNN-COMP |Y_b - Y_a|)",
-    lambda a, b: _flat(b) - _flat(a), _abs_max, "elementwise"))
+    lambda a, b: _flat(b) - _flat(a), _abs_max, "elementwise", per_output_max=True))
 register_difference(Difference(
     "probability", "softmax(model_b(x)) - softmax(model_a(x)); summary max |.|",
-    lambda a, b: torch.softmax(_flat(b), 1) - torch.softmax(_flat(a), 1), _abs_max, "probability"))
+    lambda a, b: torch.softmax(_flat(b), 1) - torch.softmax(_flat(a), 1), _abs_max, "probability",
+    per_output_max=True))
 register_difference(Difference(
     "kl", "KL(softmax(model_a(x)) || softmax(model_b(x)))",
-    _kl_terms, lambda v: v.sum(dim=1), ""))
+    _kl_terms, lambda v: v.sum(dim=1), None))
 register_difference(Difference(
     "js", "Jensen-Shannon divergence of the two softmax outputs",
-    _js_terms, lambda v: v.sum(dim=1), ""))
+    _js_terms, lambda v: v.sum(dim=1), None))
 def _dlr_margins(a, b):
     """model_b's flip margins against model_a's label, divided by model_b's own logit spread
     (top logit minus third), so a copy with another logit scale (quantised, distilled) is
@@ -118,7 +120,7 @@ def _dlr_margins(a, b):
 
 register_difference(Difference(
     "dlr", "scale-invariant flip margin: top1's margin divided by model_b's top-minus-third logit spread",
-    _dlr_margins, lambda v: v.amax(dim=1), ""))
+    _dlr_margins, lambda v: v.amax(dim=1), None))
 register_difference(Difference(
     "top1", "top-1 flip margin: max_j model_b_j - model_b_y with y = argmax model_a; > 0 means the labels differ",
     _flip_margins, lambda v: v.amax(dim=1), "top1"))

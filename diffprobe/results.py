@@ -110,6 +110,7 @@ class SearchResult(_Result):
     provenance: dict = field(default_factory=dict)
     arithmetic: dict = field(default_factory=dict)  # model_a / model_b: what the models ran in
     interrupted: bool = False  # Ctrl-C stopped the search: the best point so far
+    gradient_masked: bool = False  # the gradient-free search beat the gradient ascent (a rounded model?)
 
     def __repr__(self):
         return (f"SearchResult({self.difference}: found {self.found:.4g} after "

@@ -35,7 +35,7 @@ def test_probability_kl_js_and_top1_known_values():
 
 
 def test_registry_says_what_is_certifiable():
-    assert {n for n, d in DIFFERENCES.items() if d.certify} == {"elementwise", "probability", "top1"}
+    assert {n for n, d in DIFFERENCES.items() if d.bounded_as} == {"elementwise", "probability", "top1"}
 
 
 def test_shape_mismatches_name_both_shapes():
