@@ -9,9 +9,12 @@ Capability is robust under a perturbation delta (data resample, initialisation) 
 |C(O + delta) - C(O)| is small, and generalises when it holds for a perturbed objective (here: the
 same loss on held-out data).
 """
+import math
 import time
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 
 from .errors import DiffprobeError
 from .results import CapabilityStudy, provenance
@@ -26,21 +29,24 @@ class CapabilityRecorder:
         for ...: ...; opt.step(); recorder(model)
     """
 
-    def __init__(self, objective, heldout_objective=None):
+    def __init__(self, objective: Callable[[nn.Module], torch.Tensor],
+                 heldout_objective: Optional[Callable[[nn.Module], torch.Tensor]] = None) -> None:
         self.objective, self.heldout_objective = objective, heldout_objective
-        self.losses, self.grad_norms, self.heldout_losses = [], [], []
+        self.losses: List[float] = []
+        self.grad_norms: List[float] = []
+        self.heldout_losses: List[float] = []
 
-    def __call__(self, model):
+    def __call__(self, model: nn.Module) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         loss = self.objective(model)
         grads = torch.autograd.grad(loss, params)
         self.losses.append(loss.item())
-        self.grad_norms.append(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item())
+        self.grad_norms.append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads)))
         if self.heldout_objective is not None:
             with torch.no_grad():
                 self.heldout_losses.append(self.heldout_objective(model).item())
 
-    def summary(self):
+    def summary(self) -> Dict[str, Any]:
         return trajectory_summary(self.losses, self.grad_norms, self.heldout_losses or None)
 
 
@@ -60,7 +66,8 @@ def trajectory_summary(losses, grad_norms, heldout_losses=None):
             "heldout_losses": list(heldout_losses) if heldout_losses else None}
 
 
-def capability(run, optimisers, perturbations=None, *, seed=0):
+def capability(run: Callable[[Dict[str, Any]], CapabilityRecorder], optimisers: Dict[str, Dict[str, Any]],
+               perturbations: Optional[Dict[str, Dict[str, Any]]] = None, *, seed: int = 0) -> CapabilityStudy:
     """Capability, mesa capability and alignment of each optimiser, and their robustness.
 
     `run(config) -> CapabilityRecorder` trains once and returns its recorder; `optimisers` maps a

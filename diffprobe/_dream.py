@@ -9,14 +9,18 @@ final, untransformed image, re-evaluated on the real models in float64.
 import copy
 import math
 import time
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .differences import Difference, Objective
 from .graph import compose
 from .objectives import as_objective
 from .progress import progress_bar
-from .regions import Box
+from .regions import Box, Region
+from .results import SearchResult
 from ._search import objective_of, witness_result
 
 PARAMETERISATIONS = ("pixel", "sigmoid", "fft")
@@ -98,9 +102,11 @@ def colour_matrix(images):
     return root / root.norm(dim=0).max().clamp_min(1e-12)
 
 
-def dream(model_a, model_b, *, difference="elementwise", priors=None, region=None, valid=(0.0, 1.0),
-          shape=None, param="fft", transforms=TRANSFORMS, batch=4, steps=200, lr=0.05,
-          colour=None, seed=0, progress=False):
+def dream(model_a: nn.Module, model_b: nn.Module, *, difference: Union[str, Difference, Objective] = "elementwise",
+          priors: Optional[Objective] = None, region: Optional[Region] = None,
+          valid: Tuple[float, float] = (0.0, 1.0), shape: Optional[Sequence[int]] = None, param: str = "fft",
+          transforms: Sequence[str] = TRANSFORMS, batch: int = 4, steps: int = 200, lr: float = 0.05,
+          colour: Optional[torch.Tensor] = None, seed: int = 0, progress: bool = False) -> SearchResult:
     """A natural-looking input where model_a and model_b differ by `difference`.
 
     `priors`: an objective added to the mean difference over the transformed copies (e.g.

@@ -12,8 +12,11 @@ import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
 
 import torch
+from torch import nn
 
 from .certification import BranchAndBound, bound_boxes, prepare, unbounded_notes, verdict_of
 from .deployment import deploy
@@ -22,7 +25,7 @@ from .differences import get_difference
 from .errors import DataError, RegionError
 from .graph import common_input_shape
 from .progress import progress_bar
-from .regions import ball
+from .regions import Region, ball
 from .checkpoint import Checkpoint
 from .results import DriftReport, Verdict, provenance
 from ._search import MASKING, search_pair
@@ -34,17 +37,17 @@ class DriftSettings:
     """Everything a chunk job needs besides the models and regions (also the checkpoint header)."""
 
     difference: str
-    threshold: float = None
+    threshold: Optional[float] = None
     method: str = "auto"
-    time_budget: float = None
+    time_budget: Optional[float] = None
     search_steps: int = 50
     search_restarts: int = 8
     seed: int = 0
-    eps: float = None
+    eps: Optional[float] = None
     norm: str = "inf"
-    clip: tuple = None
+    clip: Optional[List[float]] = None
     arithmetic: str = "native"
-    arithmetic_b: str = None
+    arithmetic_b: Optional[str] = None
 
 
 @dataclass
@@ -60,10 +63,14 @@ class Job:
     done: frozenset = frozenset()  # indices already finished: bounded with the chunk, not run again
 
 
-def drift(model_a, model_b, data, *, eps=None, norm="inf", threshold=None, difference="elementwise",
-          top1=False, labels=None, method="auto", time_budget_per_point=None, clip=None, executor=None,
-          chunk_size=64, threads_per_job=0, search_steps=50, search_restarts=8, seed=0, checkpoint=None,
-          resume=False, arithmetic="native", arithmetic_b=None, progress=False):
+def drift(model_a: nn.Module, model_b: nn.Module, data: Union[str, Path, torch.Tensor, List[Region]], *,
+          eps: Optional[float] = None, norm: Union[str, float] = "inf", threshold: Optional[float] = None,
+          difference: str = "elementwise", top1: bool = False, labels: Optional[torch.Tensor] = None,
+          method: str = "auto", time_budget_per_point: Optional[float] = None,
+          clip: Optional[Tuple[float, float]] = None, executor: Optional[concurrent.futures.Executor] = None,
+          chunk_size: int = 64, threads_per_job: int = 0, search_steps: int = 50, search_restarts: int = 8,
+          seed: int = 0, checkpoint: Union[None, str, Path] = None, resume: bool = False,
+          arithmetic: str = "native", arithmetic_b: Optional[str] = None, progress: bool = False) -> DriftReport:
     """Certify, around every data point, that model_b's outputs stay within `threshold` of model_a's.
 
     `data`: a tensor/array of points [n, *input shape], a data file or folder (see

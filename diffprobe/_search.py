@@ -10,8 +10,11 @@ the ascent gains nothing in its first tenth of the steps.
 import dataclasses
 import time
 import warnings
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
+from torch import nn
 
 from .data import as_points
 from .differences import Difference, get_difference
@@ -20,6 +23,7 @@ from .errors import DataError, RegionError
 from .deployment import deploy
 from .graph import fit_region
 from .progress import progress_bar
+from .regions import Region
 from .results import SearchResult, provenance
 
 
@@ -246,9 +250,12 @@ def _random_search(evaluate, region, best_x, best, budget, generator, threshold=
     return x_best, v_best, trace
 
 
-def search(model_a, model_b, region, *, difference="elementwise", steps=100, restarts=8, seed=0,
-           threshold=None, starts=None, data=None, random_fraction=0.1, screen_fraction=0.2,
-           arithmetic="native", arithmetic_b=None, progress=False):
+def search(model_a: nn.Module, model_b: nn.Module, region: Region, *,
+           difference: Union[str, Difference, Objective] = "elementwise", steps: int = 100, restarts: int = 8,
+           seed: int = 0, threshold: Optional[float] = None, starts: Optional[torch.Tensor] = None,
+           data: Union[None, str, Path, torch.Tensor] = None, random_fraction: float = 0.1,
+           screen_fraction: float = 0.2, arithmetic: str = "native", arithmetic_b: Optional[str] = None,
+           progress: bool = False) -> SearchResult:
     """The input in `region` where model_a and model_b disagree most (by `difference`: a registered
     name, a `Difference`, or an `Objective` such as `flip(3, 8) - 0.1 * tv()`).
 

@@ -12,7 +12,9 @@ import json
 import math
 import re
 import time
+from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -127,9 +129,14 @@ def _resolved(trainer):
     return resolve_callable(trainer, "trainer") if isinstance(trainer, str) else trainer
 
 
-def stability(trainer, *, axes=("seed", "bootstrap", "lr"), members=4, base=None, heldout=None,
-              eps=0.05, norm="inf", clip=(0.0, 1.0), regions=5, worst_case=True, search_steps=30,
-              rank_by="js", executor=None, members_dir=None, seed=0, progress=False):
+def stability(trainer: Union[str, Callable[[dict], nn.Module]], *,
+              axes: Sequence[Union[str, Tuple[str, Sequence[Any]]]] = ("seed", "bootstrap", "lr"),
+              members: int = 4, base: Optional[Mapping[str, Any]] = None,
+              heldout: Union[None, str, Path, torch.Tensor] = None, eps: float = 0.05,
+              norm: Union[str, float] = "inf", clip: Optional[Tuple[float, float]] = (0.0, 1.0),
+              regions: int = 5, worst_case: bool = True, search_steps: int = 30, rank_by: str = "js",
+              executor: Optional[Executor] = None, members_dir: Union[None, str, Path] = None,
+              seed: int = 0, progress: bool = False) -> StabilityStudy:
     """Train `members` members per axis (varying only that axis from `base`) and measure them.
 
     `trainer`: `train(config) -> model`, or 'module:function'. `heldout`: inputs to compare on
@@ -144,10 +151,10 @@ def stability(trainer, *, axes=("seed", "bootstrap", "lr"), members=4, base=None
     train = _resolved(trainer)
     base = {**getattr(train, "defaults", {}), **(base or {})}
     x = _heldout(heldout, train)
-    axes = [tuple(a) if isinstance(a, (list, tuple)) else a for a in axes]
+    axes = [a if isinstance(a, str) else (a[0], a[1]) for a in axes]
     plan = {_axis_name(a): [{**base, _axis_name(a): v} for v in axis_values(a, members, base)] for a in axes}
     store = _MemberStore(members_dir, getattr(train, "architecture", None))
-    notes = []
+    notes: List[str] = []
     models = _train_all(trainer, train, plan, store, executor, progress, notes)
     result = {}
     with progress_bar(progress, len(plan), desc="distances") as bar:
@@ -292,9 +299,12 @@ def perturbed(model, kind, scale, generator):
     return other
 
 
-def structural_stability(model, heldout, *, kinds=("dropout", "dropconnect", "noise"),
-                         scales=(0.01, 0.02, 0.05, 0.1), samples=3, eps=0.05, norm="inf", clip=(0.0, 1.0),
-                         regions=5, search_steps=30, seed=0, progress=False):
+def structural_stability(model: nn.Module, heldout: torch.Tensor, *,
+                         kinds: Sequence[str] = ("dropout", "dropconnect", "noise"),
+                         scales: Sequence[float] = (0.01, 0.02, 0.05, 0.1), samples: int = 3,
+                         eps: float = 0.05, norm: Union[str, float] = "inf",
+                         clip: Optional[Tuple[float, float]] = (0.0, 1.0), regions: int = 5,
+                         search_steps: int = 30, seed: int = 0, progress: bool = False) -> StructuralStability:
     """Drift of `model` against perturbed copies of itself, per perturbation kind and scale:
     sampled KL / disagreement on `heldout`, and the worst case found and certified over balls
     around the first `regions` held-out points (mean over `samples` perturbed copies)."""
@@ -308,7 +318,7 @@ def structural_stability(model, heldout, *, kinds=("dropout", "dropconnect", "no
         v = _sampled(reference, _outputs(other, x))
         return {**v, **_worst_case(model, other, centers, eps, norm, clip, search_steps, seed)} if regions else v
 
-    curves = {kind: [] for kind in kinds}
+    curves: Dict[str, List[dict]] = {kind: [] for kind in kinds}
     with progress_bar(progress, len(kinds) * len(scales), desc="structural") as bar:
         for kind, scale in itertools.product(kinds, scales):
             values = [measured(perturbed(model, kind, scale, gen)) for _ in range(samples)]

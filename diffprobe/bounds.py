@@ -12,6 +12,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ BOUND_OPTS = {
     "optimize_bound_args": {"iteration": 20, "lr_alpha": 0.5, "enable_beta_crown": False},
 }
 
-METHODS = {}
+METHODS: Dict[str, Callable] = {}
 
 
 def register_method(name):
@@ -56,7 +57,7 @@ class Problem:
     traced: object = None
     differential: object = None  # the differential engine (False: not applicable), built on first use
     singles: object = None  # each model traced alone, for alpha-differential; built on first use
-    alpha_seconds: float = None  # what one alpha-differential pass took on this problem
+    alpha_seconds: Optional[float] = None  # what one alpha-differential pass took on this problem
     outputs: int = 0  # outputs per model
     scale: float = 1.0  # magnitude of the models' outputs (bounds are rounded outward relative to it)
 

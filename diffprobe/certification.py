@@ -4,15 +4,18 @@ import copy
 import dataclasses
 import math
 import time
+from typing import Optional, Union
 
 import torch
+from torch import nn
 
 from .arithmetic import outward
 from .bounds import METHODS, build_problem, differential_engine
 from .deployment import deploy
-from .differences import get_difference
+from .differences import Difference, get_difference
 from .errors import DiffprobeError, UnsupportedOperationError
 from .graph import fit_region
+from .regions import Region
 from .results import Certificate, Verdict, provenance
 from .progress import progress_bar
 from ._search import search_pair, warn_masking
@@ -194,9 +197,11 @@ def verdict_of(bound, found, threshold):
     return Verdict.VERIFIED if bound <= threshold else Verdict.UNKNOWN
 
 
-def certify(model_a, model_b, region, *, difference="elementwise", method="auto", threshold=None,
-            time_budget=None, tolerance=0.05, search_steps=50, search_restarts=8, seed=0,
-            arithmetic="native", arithmetic_b=None, progress=False):
+def certify(model_a: nn.Module, model_b: nn.Module, region: Region, *,
+            difference: Union[str, Difference] = "elementwise", method: str = "auto",
+            threshold: Optional[float] = None, time_budget: Optional[float] = None, tolerance: float = 0.05,
+            search_steps: int = 50, search_restarts: int = 8, seed: int = 0, arithmetic: str = "native",
+            arithmetic_b: Optional[str] = None, progress: bool = False) -> Certificate:
     """Certified bounds on `difference` between the models over `region`, with a witness.
 
     `method`: ibp, crown, alpha-crown, differential, alpha-differential or auto. With

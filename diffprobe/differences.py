@@ -7,7 +7,7 @@ Registry: plain dict `DIFFERENCES` plus `register_difference`; CLI choices deriv
 both directions of the conversion are in one module; the priors are in `diffprobe.objectives`.
 """
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -45,15 +45,15 @@ class Difference:
     __rmul__ = __mul__
 
 
-DIFFERENCES = {}
+DIFFERENCES: Dict[str, Difference] = {}
 
 
-def register_difference(difference):
+def register_difference(difference: "Difference") -> "Difference":
     DIFFERENCES[difference.name] = difference
     return difference
 
 
-def get_difference(name_or_difference):
+def get_difference(name_or_difference: Union[str, "Difference"]) -> "Difference":
     if isinstance(name_or_difference, Difference):
         return name_or_difference
     try:
@@ -167,7 +167,7 @@ class Objective:
         return f"Objective({self.name})"
 
 
-def as_objective(obj):
+def as_objective(obj: Union[str, Difference, "Objective"]) -> "Objective":
     if isinstance(obj, Objective):
         return obj
     if isinstance(obj, (str, Difference)):

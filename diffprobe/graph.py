@@ -1,9 +1,12 @@
 """The composed graph: one module that feeds the same input to both models."""
+from typing import Optional, Tuple
+
 import torch
 from torch import nn
 
 from .errors import ShapeMismatchError, UnsupportedOperationError
 from .execution import batch_dependent, input_dtype, run, run_native
+from .regions import Region
 
 
 def _squeezed(shape):
@@ -106,7 +109,7 @@ class Pair(nn.Module):
         self._refresh()
         return out
 
-    def outputs(self, x):
+    def outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
         a = run(self.model_a, self._as(x, self.shape_a), *self.runs[0])
         b = run(self.model_b, self._as(x, self.shape_b), *self.runs[1])
@@ -147,7 +150,7 @@ def _softmax(z):
     return e / e.sum(dim=1, keepdim=True)
 
 
-def compose(model_a, model_b, region=None):
+def compose(model_a: nn.Module, model_b: nn.Module, region: Optional[Region] = None) -> Pair:
     """The `Pair` of two models, checked for matching input and output shapes."""
     shape = common_input_shape(model_a, model_b, [] if region is None else [region.shape])
     if region is not None and _numel(region.shape) != _numel(shape):

@@ -10,6 +10,7 @@ import pickle
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -56,7 +57,9 @@ def sniff_format(path):
         "(with arch=), and with trust=True pickled modules and torch.export .pt2 files")
 
 
-def load_model(path, *, arch=None, arch_kwargs=None, trust=False, normalize=False, base=None):
+def load_model(path: Union[str, Path], *, arch: Optional[str] = None,
+               arch_kwargs: Union[None, str, Dict[str, Any]] = None, trust: bool = False, normalize: bool = False,
+               base: Optional[nn.Module] = None) -> nn.Module:
     """The nn.Module stored in `path`, in eval mode, weights checked for NaN/inf.
 
     The module keeps the function stored: its parameters keep their dtype (an fp16 state_dict gives

@@ -17,7 +17,7 @@ import copy
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -81,8 +81,8 @@ class Context:
     notes: list = field(default_factory=list)
 
 
-STAGES = {}
-OBSERVED = set()  # module types whose stage also lowers torch.ao's observer / fake-quant hooks
+STAGES: Dict[type, Callable] = {}
+OBSERVED: Set[type] = set()  # module types whose stage also lowers torch.ao's observer / fake-quant hooks
 
 
 def register_stage(*types):
@@ -161,7 +161,7 @@ def _cast(ctx, dtype):
 register_stage(nn.Conv1d, nn.Conv2d, nn.Conv3d)(lambda m, ctx: _affine_stage(m, ctx))
 
 
-WEIGHT_TYPES = {}  # an nn.Linear whose weight is a tensor subclass: its stage, by (module, class) name
+WEIGHT_TYPES: Dict[Tuple[str, str], Callable] = {}  # an nn.Linear whose weight is a tensor subclass: its stage, by (module, class) name
 
 
 @register_stage(nn.Linear)

@@ -11,6 +11,7 @@ ReduceMean.
 Anything else gets one error naming every unsupported construct and where it is.
 """
 import operator
+from typing import Callable, Dict
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from .errors import CheckpointError, UnsupportedOperationError
 from .layers import Elementwise, Erf, Mean, Network, Permute, Reshape
 
-_CONVERTERS = {}
+_CONVERTERS: Dict[str, Callable] = {}  # ONNX op type -> converter(node) -> Layer
 
 
 def register_onnx_op(name):

@@ -8,12 +8,14 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from .errors import RegionError
 
 _INF = float("inf")
+ArrayLike = Union[torch.Tensor, Sequence[float], float]
 
 
 def _as_tensor(v, like=None):
@@ -169,7 +171,7 @@ class L2Ball:
 
     center: torch.Tensor
     eps: float
-    clip: tuple = None
+    clip: Optional[Tuple[float, float]] = None
 
     norm = 2.0
 
@@ -288,13 +290,18 @@ class L2Ball:
         return f"L2Ball({self.describe()})"
 
 
-def ball(center, eps, norm="inf", clip=None):
+Region = Union[Box, LinfBall, "L2Ball"]
+"""Any region: a box, an L-inf ball (a box) or an L2 ball, each clipped to its valid range."""
+
+
+def ball(center: ArrayLike, eps: float, norm: Union[str, float] = "inf",
+         clip: Optional[Tuple[float, float]] = None) -> Region:
     """An L-inf or L2 ball; `norm` is 'inf' or '2'."""
     norm = str(norm).lower().removesuffix(".0")
     if norm in ("inf", "linf"):
         return LinfBall(center, eps, clip)
     if norm in ("2", "l2"):
-        return L2Ball(center, eps, clip)
+        return L2Ball(_as_tensor(center), eps, clip)
     raise RegionError(f"unknown norm '{norm}'; use inf or 2")
 
 
@@ -333,7 +340,7 @@ _BOUND = re.compile(r"\(\s*assert\s*\(\s*(<=|>=)\s+(\S+)\s+(\S+?)\s*\)\s*\)")
 MAX_VNNLIB_BYTES = 64 << 20  # a property of a million inputs is about 60 MB
 
 
-def box_from_vnnlib(path, inputs=None):
+def box_from_vnnlib(path: Union[str, Path], inputs: Optional[int] = None) -> Box:
     """The input box of a VNN-LIB property: every X_i needs a lower and an upper bound. With
     `inputs` (the models' input count), a property over another number of inputs is refused
     before its constraints are read."""

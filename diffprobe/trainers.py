@@ -59,6 +59,5 @@ def digits_heldout():
     return digits_data(0)[2]
 
 
-digits.heldout = digits_heldout
-digits.architecture = digits_architecture
-digits.defaults = DIGITS_DEFAULTS
+# the trainer protocol's optional parts are attributes of the function
+vars(digits).update(heldout=digits_heldout, architecture=digits_architecture, defaults=DIGITS_DEFAULTS)
