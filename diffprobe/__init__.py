@@ -6,13 +6,13 @@ difference over a whole input region (an upper bound). Both take the same few pl
 from .version import __version__  # noqa: F401
 
 from .differences import DIFFERENCES, Difference, get_difference, register_difference
-from .errors import (CheckpointError, DataError, DiffprobeError, OutputError, RegionError, ShapeMismatchError,
+from .errors import (ArgumentError, CheckpointError, DataError, DiffprobeError, OutputError, RegionError, ShapeMismatchError,
                      UnsafeCheckpointError, UnsupportedOperationError)
 from .graph import compose
 from .loading import load_model
 from .regions import L2Ball, LinfBall, Box, ball, box_from_vnnlib
-from .results import (CapabilityStudy, Certificate, DriftReport, SearchResult, StabilityStudy, StructuralStability,
-                      Verdict)
+from .results import (CapabilityStudy, Certificate, DriftReport, PointResult, SearchResult, Spread, StabilityStudy,
+                      StructuralStability, Verdict)
 from ._search import search
 from ._dream import dream
 from .certification import certify
@@ -22,8 +22,8 @@ from ._capability import CapabilityRecorder, capability
 
 
 __all__ = ["search", "dream", "certify", "drift", "stability", "structural_stability", "DriftReport",
-           "StabilityStudy", "StructuralStability", "capability", "CapabilityRecorder", "CapabilityStudy", "compose", "load_model", "Box", "LinfBall", "L2Ball", "ball",
+           "PointResult", "StabilityStudy", "Spread", "StructuralStability", "capability", "CapabilityRecorder", "CapabilityStudy", "compose", "load_model", "Box", "LinfBall", "L2Ball", "ball",
            "box_from_vnnlib", "Difference", "DIFFERENCES", "get_difference", "register_difference",
-           "SearchResult", "Certificate", "Verdict", "DiffprobeError", "CheckpointError",
+           "SearchResult", "Certificate", "Verdict", "DiffprobeError", "ArgumentError", "CheckpointError",
            "UnsafeCheckpointError", "ShapeMismatchError", "RegionError", "UnsupportedOperationError",
            "DataError", "OutputError"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .differences import Difference, Objective
+from .errors import ArgumentError, ShapeMismatchError
 from .graph import compose
 from .objectives import as_objective
 from .progress import progress_bar
@@ -36,7 +37,7 @@ def image_shape(input_shape):
         return (1, *dims)
     side = math.isqrt(dims[0])
     if side * side != dims[0]:
-        raise ValueError(f"inputs of shape {list(input_shape)} are not images; give image_shape=(C, H, W)")
+        raise ShapeMismatchError(f"inputs of shape {list(input_shape)} are not images; give image_shape=(C, H, W)")
     return (1, side, side)
 
 
@@ -118,10 +119,10 @@ def dream(model_a: nn.Module, model_b: nn.Module, *, difference: Union[str, Diff
     """
     t0 = time.perf_counter()
     if param not in PARAMETERISATIONS:
-        raise ValueError(f"unknown parameterisation '{param}'; use {', '.join(PARAMETERISATIONS)}")
+        raise ArgumentError(f"unknown parameterisation '{param}'; use {', '.join(PARAMETERISATIONS)}")
     unknown = set(transforms) - set(TRANSFORMS)
     if unknown:
-        raise ValueError(f"unknown transforms {sorted(unknown)}; use {', '.join(TRANSFORMS)}")
+        raise ArgumentError(f"unknown transforms {sorted(unknown)}; use {', '.join(TRANSFORMS)}")
     diff = objective_of(difference)
     pair = compose(model_a, model_b, region)
     shape = tuple(shape) if shape else image_shape(pair.input_shape)

@@ -11,7 +11,7 @@ import concurrent.futures
 import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
@@ -27,7 +27,7 @@ from .graph import common_input_shape
 from .progress import progress_bar
 from .regions import Region, ball
 from .checkpoint import Checkpoint
-from .results import DriftReport, Verdict, provenance
+from .results import DriftReport, PointResult, Verdict, provenance
 from ._search import MASKING, search_pair
 
 
@@ -101,13 +101,13 @@ def drift(model_a: nn.Module, model_b: nn.Module, data: Union[str, Path, torch.T
     chunks = [list(range(s, min(s + chunk_size, len(regions)))) for s in range(0, len(regions), chunk_size)]
     jobs = [Job(model_a, model_b, [regions[i] for i in chunk], chunk, settings, threads_per_job,
                 frozenset(chunk) & frozenset(done)) for chunk in chunks if not set(chunk) <= set(done)]
-    records, notes = dict(done), []
+    records, notes = {i: PointResult.from_dict(r) for i, r in done.items()}, []
     with progress_bar(progress, len(regions), desc="drift") as bar:
         bar.update(len(done))
 
         def finished(points):  # each point is kept as soon as it is done
-            record.append(points)
-            records.update((p["index"], p) for p in points)
+            record.append([p.to_dict() for p in points])
+            records.update((p.index, p) for p in points)
             bar.update(len(points))
         try:
             _run(jobs, executor, finished)
@@ -170,12 +170,12 @@ def run_chunk(job, finished=None):
             continue
         t0 = time.perf_counter()
         initial = (lower[i:i + 1], upper[i:i + 1], scores[i:i + 1])
-        record = _point(deployment, diff, problem, spec.take([i]), methods, region, initial,
-                        at_center[i].item(), s)
-        record["notes"] = notes + record["notes"]
-        record.update(index=job.indices[i], label_a=int(a[i].argmax()) if classes else None,
-                      label_b=int(b[i].argmax()) if classes else None,
-                      seconds=record["seconds"] + time.perf_counter() - t0)
+        outcome = _point(deployment, diff, problem, spec.take([i]), methods, region, initial,
+                         at_center[i].item(), s)
+        record = PointResult(**{**outcome, "notes": notes + outcome["notes"],
+                                "seconds": outcome["seconds"] + time.perf_counter() - t0},
+                             index=job.indices[i], label_a=int(a[i].argmax()) if classes else None,
+                             label_b=int(b[i].argmax()) if classes else None)
         records.append(record)
         if finished is not None:
             finished(record)
@@ -221,12 +221,13 @@ def _staged_batch(problem, spec, methods, region, lo, hi, threshold, skipped=Non
 
 
 def _point(deployment, diff, problem, spec, methods, region, initial, at_center, s):
-    """One point: its single-pass bound, then search and branch-and-bound only if undecided."""
+    """One point's outcome (the fields of its `PointResult` but where it is in the data): its
+    single-pass bound, then search and branch-and-bound only if undecided."""
     t0 = time.perf_counter()
     bound = initial[2].item()
     record = {"bound": bound, "found": at_center, "witness": None, "branches": 1, "notes": []}
     if s.threshold is not None and bound <= s.threshold and at_center <= s.threshold:
-        record.update(verdict=verdict_of(bound, at_center, s.threshold).value, seconds=time.perf_counter() - t0)
+        record.update(verdict=verdict_of(bound, at_center, s.threshold), seconds=time.perf_counter() - t0)
         return record
     witness = search_pair(deployment.pair, diff, region, surrogate=deployment.surrogate, steps=s.search_steps,
                           restarts=s.search_restarts, seed=s.seed, threshold=s.threshold)
@@ -238,9 +239,8 @@ def _point(deployment, diff, problem, spec, methods, region, initial, at_center,
         if state.interrupted:
             raise KeyboardInterrupt
     cert = state.certificate("", s.threshold, s.seed, 0.0)
-    verdict = cert.verdict.value if cert.verdict else None
     record.update(bound=cert.bound, found=cert.found, witness=cert.witness, branches=cert.branches,
-                  notes=cert.notes, verdict=verdict, seconds=time.perf_counter() - t0,
+                  notes=cert.notes, verdict=cert.verdict, seconds=time.perf_counter() - t0,
                   gradient_masked=witness.gradient_masked)
     return record
 
@@ -263,27 +263,22 @@ def _overall(counts, total, threshold):
 
 
 def _report(regions, records, labels, sources, settings, notes, seconds, arithmetic):
-    points = [records[i] for i in sorted(records)]
-    if sources is not None:
-        for p in points:
-            p["source"] = sources[p["index"]]
-    if labels is not None:
-        for p in points:
-            p["label"] = int(labels[p["index"]])
-    counts = {v: sum(p["verdict"] == v for p in points) for v in ("verified", "falsified", "unknown")}
-    masked = sum(bool(p.get("gradient_masked")) for p in points)
+    points = [replace(records[i], source=sources[i] if sources is not None else None,
+                      label=int(labels[i]) if labels is not None else None) for i in sorted(records)]
+    counts = {v.value: sum(p.verdict == v for p in points) for v in Verdict}
+    masked = sum(bool(p.gradient_masked) for p in points)
     if masked:
         notes = notes + [f"gradient-free search beat the gradient search on {masked} points: {MASKING}"]
     done = len(points)
-    accuracy = lambda key: (sum(p[key] == p["label"] for p in points) / done) if labels is not None and done else None
+    accuracy = lambda key: (sum(getattr(p, key) == p.label for p in points) / done) if labels is not None and done else None
     return DriftReport(
         difference=settings.difference, eps=settings.eps, norm=settings.norm, threshold=settings.threshold,
         method=settings.method, points=points, counts=counts, total=len(regions),
-        bound=max((p["bound"] for p in points), default=None),
-        found=max((p["found"] for p in points), default=None),
+        bound=max((p.bound for p in points), default=None),
+        found=max((p.found for p in points), default=None),
         verdict=_overall(counts, len(regions), settings.threshold),
         accuracy_a=accuracy("label_a"), accuracy_b=accuracy("label_b"),
-        agreement=(sum(p["label_a"] == p["label_b"] for p in points) / done
-                   if done and points[0]["label_a"] is not None else None),
+        agreement=(sum(p.label_a == p.label_b for p in points) / done
+                   if done and points[0].label_a is not None else None),
         input_shape=list(regions[0].shape), seconds=seconds, notes=notes,
         provenance=provenance(settings.seed, torch_dtype="float64"), arithmetic=arithmetic)

@@ -24,7 +24,7 @@ from .differences import DIFFERENCES
 from .errors import DataError, DiffprobeError
 from .loading import resolve_callable
 from .progress import progress_bar
-from .results import StabilityStudy, StructuralStability, provenance
+from .results import Spread, StabilityStudy, StructuralStability, provenance
 
 AXES = ("seed", "data_order", "bootstrap", "lr", "momentum")
 SAMPLED = ("kl", "js", "disagreement")
@@ -162,10 +162,10 @@ def stability(trainer: Union[str, Callable[[dict], nn.Module]], *,
             ms = [models[_key(c)] for c in configs]
             result[name] = _distances(ms, x, eps, norm, clip, regions if worst_case else 0, search_steps, seed)
             bar.update(1)
-    spread = {name: {metric: _spread(m, seed) for metric, m in d.items()} for name, d in result.items()}
+    spread = {name: {metric: _bootstrap_mean(m, seed) for metric, m in d.items()} for name, d in result.items()}
     if rank_by not in SAMPLED + WORST:
         raise DiffprobeError(f"rank_by must be one of {', '.join(SAMPLED + WORST)}")
-    ranking = sorted(spread, key=lambda a: -spread[a].get(rank_by, {"mean": -1})["mean"])
+    ranking = sorted(spread, key=lambda a: -spread[a][rank_by].mean if rank_by in spread[a] else 1)
     return StabilityStudy(
         axes=list(plan), members=members, base=_jsonable(base),
         values={n: [c[n] for c in cs] for n, cs in plan.items()}, distances=result, spread=spread,
@@ -255,7 +255,7 @@ def _worst_case(a, b, centers, eps, norm, clip, search_steps, seed):
     return {"found": report.found, "certified": report.bound}
 
 
-def _spread(matrix, seed, resamples=1000):
+def _bootstrap_mean(matrix, seed, resamples=1000):
     """Mean off-diagonal distance with a 95 % bootstrap interval over members."""
     m = torch.tensor(matrix, dtype=torch.float64)
     n = len(m)
@@ -269,8 +269,8 @@ def _spread(matrix, seed, resamples=1000):
         if distinct.any():
             means.append(sub[distinct].mean().item())
     means = torch.tensor(means, dtype=torch.float64)
-    return {"mean": m[off].mean().item(), "low": means.quantile(0.025).item() if len(means) else float("nan"),
-            "high": means.quantile(0.975).item() if len(means) else float("nan")}
+    return Spread(m[off].mean().item(), means.quantile(0.025).item() if len(means) else float("nan"),
+                  means.quantile(0.975).item() if len(means) else float("nan"))
 
 
 # ---- structural stability of one model ----------------------------------------------------------

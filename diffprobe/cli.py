@@ -453,8 +453,7 @@ _certify_command("compare", "Search and certify in one report, with a larger sea
 @_friendly
 def demo(seed, eps, threshold, as_json, quiet):
     """Train a digits classifier and a fine-tuned copy, then search and certify their drift."""
-    from .report import demo_text
-    from .demo import run_demo
+    from diffprobe_examples.demo import demo_text, run_demo
     report = run_demo(seed=seed, eps=eps, threshold=threshold, progress=not quiet)
     click.echo(json.dumps(report["json"]) if as_json else demo_text(report))
 
@@ -477,7 +476,7 @@ def report(files, out, force):
 
 
 @main.command()
-@click.option("--trainer", default="diffprobe.trainers:digits", show_default=True,
+@click.option("--trainer", default="diffprobe_examples.trainers:digits", show_default=True,
               help="train(config) -> model, as module:function or path/file.py:function (runs that code)")
 @click.option("--axes", default="seed,bootstrap,lr", show_default=True,
               help="comma-separated: seed, data_order, bootstrap, lr, momentum, or KEY=V1:V2:... for a config key of yours")

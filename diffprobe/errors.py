@@ -36,3 +36,7 @@ class DataError(DiffprobeError):
 
 class OutputError(DiffprobeError):
     """A result cannot be written where asked without harming other files."""
+
+
+class ArgumentError(DiffprobeError, ValueError):
+    """An argument outside its documented choices (a ValueError too, as Python's own are)."""

@@ -22,11 +22,24 @@ def image_of(x, shape):
     return None
 
 
+def figure(width, height):
+    """A figure outside pyplot: drawing one for a report or a thumbnail neither opens a window,
+    nor shows up in a notebook, nor needs (or changes) the process's matplotlib backend."""
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height))
+
+
+def on_axes(ax):
+    """`ax`, or pyplot's current axes when none is given (a result's `plot` in a notebook)."""
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+    return plt.gca()
+
+
 def png_base64(fig):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight", dpi=80)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -35,8 +48,8 @@ def thumbnail(x, shape, size=1.0):
     img = image_of(x, shape)
     if img is None:
         return None
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = figure(size, size)
+    ax = fig.subplots()
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
     ax.axis("off")
     return png_base64(fig)
@@ -50,7 +63,7 @@ def bars(ax, lower, upper, label):
 
 def verdict_histogram(points, threshold, ax):
     """Certified bounds per point, stacked by verdict, with the threshold."""
-    values = {v: [p["bound"] for p in points if p["verdict"] == v] for v in VERDICT_COLORS}
+    values = {v: [p.bound for p in points if (p.verdict.value if p.verdict else None) == v] for v in VERDICT_COLORS}
     values = {v: b for v, b in values.items() if b}
     ax.hist(list(values.values()), bins=30, stacked=True, color=[VERDICT_COLORS[v] for v in values],
             label=[str(v) for v in values])
@@ -68,7 +81,7 @@ def eps_curve(reports, ax):
     reports = sorted((r for r in reports if r.eps is not None), key=lambda r: r.eps)
     eps = [r.eps for r in reports]
     ax.plot(eps, [r.bound for r in reports], "o-", label="worst certified bound")
-    ax.plot(eps, [float(np.median([p["bound"] for p in r.points])) for r in reports], "s--",
+    ax.plot(eps, [float(np.median([p.bound for p in r.points])) for r in reports], "s--",
             label="median certified bound")
     ax.plot(eps, [r.found for r in reports], "^:", label="worst witness found")
     if reports and reports[0].threshold is not None:
@@ -82,14 +95,14 @@ def eps_curve(reports, ax):
 
 def witness_gallery(points, shape, n=8):
     """A figure with the witnesses of the riskiest points (image inputs), or None."""
-    points = [p for p in points if p.get("witness")][:n]
-    if not points or image_of(points[0]["witness"], shape) is None:
+    points = [p for p in points if p.witness][:n]
+    if not points or image_of(points[0].witness, shape) is None:
         return None
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(points), figsize=(1.6 * len(points), 1.9), squeeze=False)
+    fig = figure(1.6 * len(points), 1.9)
+    axes = fig.subplots(1, len(points), squeeze=False)
     for ax, p in zip(axes[0], points):
-        ax.imshow(image_of(p["witness"], shape), cmap="gray")
-        ax.set_title(f"#{p['index']} {p['verdict'] or ''}\n{p['found']:.3g}", fontsize=8)
+        ax.imshow(image_of(p.witness, shape), cmap="gray")
+        ax.set_title(f"#{p.index} {p.verdict.value if p.verdict else ''}\n{p.found:.3g}", fontsize=8)
         ax.axis("off")
     return fig
 
@@ -113,8 +126,8 @@ def interval_png(lower, upper, label):
 
 def _small_png(draw, title):
     """A thumbnail-sized figure drawn by `draw(ax)`, as base64 PNG (beside a result's table)."""
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(3, 1.8))
+    fig = figure(3, 1.8)
+    ax = fig.subplots()
     draw(ax)
     ax.set_title(title, fontsize=8)
     ax.tick_params(labelsize=6)

@@ -1,5 +1,5 @@
 """Plain-text renderings of results for the terminal."""
-from .results import arithmetic_text
+from .results import Verdict, arithmetic_text
 
 
 def _fmt(v):
@@ -30,23 +30,6 @@ def certificate_text(cert):
     return "\n".join(lines + [f"note         {n}" for n in cert.notes])
 
 
-def demo_text(report):
-    s = report["summary"]
-    lines = ["diffprobe demo: a digits classifier (model_a) vs its copy fine-tuned on a shifted subset (model_b)",
-             f"test accuracy: model_a {s['accuracy_a']:.3f}, model_b {s['accuracy_b']:.3f}",
-             f"regions: L-inf balls of radius {s['eps']} around test images, clipped to [0, 1]",
-             "",
-             f"{'image':>5}  {'found max|b-a|':>14}  {'certified':>10}  {'gap':>6}  {'drift <= ' + str(s['threshold']):>14}  {'top-1 agreement':>16}"]
-    for r in report["rows"]:
-        d, t = r["drift"], r["top1"]
-        agree = {"verified": "certified", "falsified": "FLIP FOUND", "unknown": "unknown"}[t.verdict.value]
-        lines.append(f"{r['index']:>5}  {d.found:>14.5g}  {d.bound:>10.5g}  {d.gap_ratio:>6.3f}  "
-                     f"{d.verdict.value:>14}  {agree:>16}")
-    lines += ["", "found: a witness input inside the ball (lower bound); certified: a bound over the "
-              "whole ball, without sampling (upper bound)."]
-    return "\n".join(lines)
-
-
 def drift_text(report):
     c = report.counts
     verdict = report.verdict.value if report.verdict else "-"
@@ -65,10 +48,10 @@ def drift_text(report):
     if report.agreement is not None:
         lines.append(f"agreement    {report.agreement:.4f} (same top-1 label at the data points)")
     lines.append(f"seconds      {report.seconds:.1f}")
-    risky = [p for p in report.ranked(5) if p["verdict"] != "verified"]
+    risky = [p for p in report.ranked(5) if p.verdict != Verdict.VERIFIED]
     if risky:
-        lines.append("riskiest     " + ", ".join(f"#{p['index']} {p['verdict']} (bound {p['bound']:.4g}, "
-                                                  f"found {p['found']:.4g})" for p in risky))
+        lines.append("riskiest     " + ", ".join(f"#{p.index} {p.verdict.value if p.verdict else '-'} "
+                                                  f"(bound {p.bound:.4g}, found {p.found:.4g})" for p in risky))
     return "\n".join(lines + [f"note         {n}" for n in report.notes])
 
 
@@ -106,10 +89,9 @@ def _check_points(result, path):
     if not isinstance(result, DriftReport):
         return
     number = lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-    for p in result.points if isinstance(result.points, list) else [None]:
-        if not (isinstance(p, dict) and number(p.get("bound")) and number(p.get("found"))
-                and p.get("verdict") in ("verified", "falsified", "unknown", None)
-                and (p.get("witness") is None or (isinstance(p["witness"], list) and all(map(number, p["witness"]))))):
+    for p in result.points:
+        if not (number(p.bound) and number(p.found)
+                and (p.witness is None or (isinstance(p.witness, list) and all(map(number, p.witness))))):
             raise DataError(f"{path}: a point of this drift report is malformed")
 
 
@@ -128,29 +110,26 @@ def html_report(results):
     """One self-contained HTML page: each result's table and figures, plus the eps curve when
     several drift reports are given."""
     import html
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from .figures import eps_curve, png_base64, witness_gallery
+    from .figures import eps_curve, figure, png_base64, witness_gallery
     from .results import DriftReport, StabilityStudy
     parts = ["<html><head><meta charset='utf-8'><title>diffprobe report</title></head><body>",
              "<h1>diffprobe report</h1>"]
     drifts = [r for r in results if isinstance(r, DriftReport)]
     if len({r.eps for r in drifts}) > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        eps_curve(drifts, ax)
+        fig = figure(6, 4)
+        eps_curve(drifts, fig.subplots())
         parts += ["<h2>certified bound vs eps</h2>", _img(png_base64(fig))]
     for r in results:
         parts += [f"<h2>{html.escape(repr(r))}</h2>", r._repr_html_()]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        r.plot(ax=ax)
+        fig = figure(6, 3.5)
+        r.plot(ax=fig.subplots())
         parts.append(_img(png_base64(fig)))
         if isinstance(r, DriftReport):
             gallery = witness_gallery(r.ranked(), r.input_shape)
             if gallery is not None:
                 parts += ["<h3>witnesses of the riskiest points</h3>", _img(png_base64(gallery))]
         if isinstance(r, StabilityStudy):
-            parts += ["<h3>pairwise distances per axis</h3>", _img(png_base64(r.plot_matrices()))]
+            parts += ["<h3>pairwise distances per axis</h3>", _img(png_base64(r.plot_matrices(fig=figure(3.2 * len(r.axes), 3))))]
     return "\n".join(parts + ["</body></html>"])
 
 
@@ -163,7 +142,7 @@ def stability_text(study):
     lines = [f"members      {study.members} per axis, ranked by {study.rank_by} (mean pairwise distance, 95 % CI)",
              f"{'axis':<12}" + "".join(f"{m:>26}" for m in metrics)]
     for axis in study.ranking:
-        cells = "".join(f"{_fmt_ci(study.spread[axis][m]):>26}" for m in metrics)
+        cells = "".join(f"{str(study.spread[axis][m]):>26}" for m in metrics)
         lines.append(f"{axis:<12}{cells}")
     if study.regions:
         lines.append(f"found/certified: max |b - a| over L-{'inf' if study.norm == 'inf' else study.norm} balls "
@@ -171,6 +150,3 @@ def stability_text(study):
     lines.append(f"seconds      {study.seconds:.1f}")
     return "\n".join(lines + [f"note         {n}" for n in study.notes])
 
-
-def _fmt_ci(s):
-    return f"{s['mean']:.3g} [{s['low']:.3g}, {s['high']:.3g}]"

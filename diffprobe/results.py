@@ -5,11 +5,12 @@ import html
 import math
 import json
 import platform
-from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional
 
 import torch
 
+from .figures import bars, interval_png, on_axes, output_bars, thumbnail, verdict_histogram
 from .version import __version__
 
 
@@ -44,12 +45,14 @@ class _Result:
                 data[key] = value
             elif key in data and isinstance(data[key], list):
                 data[key] = [value if v is None else v for v in data[key]]
-        for point in data.get("points") or []:
-            if isinstance(point, dict) and point.get("bound", 0) is None:
-                point["bound"] = float("inf")
         if "verdict" in data and data["verdict"] is not None:
             data["verdict"] = Verdict(data["verdict"])
-        return cls(**data)
+        return cls(**cls._typed(data))
+
+    @classmethod
+    def _typed(cls, data):
+        """The JSON fields turned back into the record types they were written from."""
+        return data
 
     def _rows(self):
         return []
@@ -91,6 +94,70 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class PointResult:
+    """One point of a drift run: its certified bound, the witness value found below it, the
+    verdict, and both models' labels at the data point. Optional fields are left out of the JSON
+    when absent (`gradient_masked` is there only when the search ran)."""
+
+    bound: float
+    found: float
+    witness: Optional[list] = None  # the witness input, flattened (the report's input_shape)
+    branches: int = 1
+    notes: list = field(default_factory=list)
+    verdict: Optional[Verdict] = None
+    seconds: float = 0.0
+    gradient_masked: Optional[bool] = None
+    index: int = 0
+    label_a: Optional[int] = None
+    label_b: Optional[int] = None
+    source: Optional[str] = None  # the file the region was read from
+    label: Optional[int] = None  # the data point's true label
+
+    _OPTIONAL = ("gradient_masked", "source", "label")
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["verdict"] = self.verdict.value if self.verdict else None
+        return {k: v for k, v in data.items() if v is not None or k not in self._OPTIONAL}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PointResult":
+        if not isinstance(data, dict):
+            raise ValueError("a drift point is not a JSON object")
+        data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+        if data.get("bound", 0) is None:  # JSON has no inf: an unbounded point was written as null
+            data["bound"] = float("inf")
+        if data.get("verdict") is not None:
+            data["verdict"] = Verdict(data["verdict"])
+        return cls(**data)
+
+    def __getitem__(self, key: str) -> Any:
+        """`point["bound"]`, as when points were dicts (scripts written against the JSON)."""
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self, key, None)
+        return default if value is None else value
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The mean pairwise distance between the members of a study axis, with its 95 % bootstrap
+    interval."""
+
+    mean: float
+    low: float
+    high: float
+
+    def __getitem__(self, key: str) -> float:
+        """`spread["mean"]`, as when spreads were dicts."""
+        return getattr(self, key)
+
+    def __str__(self):
+        return f"{self.mean:.3g} [{self.low:.3g}, {self.high:.3g}]"
+
+
 @dataclass(frozen=True)
 class SearchResult(_Result):
     """The best witness found: an input inside the region and how much the models differ there."""
@@ -126,14 +193,12 @@ class SearchResult(_Result):
                 ("evaluations", self.evaluations), ("seed", self.seed), ("seconds", f"{self.seconds:.2f}")]
 
     def _figure(self):
-        from .figures import output_bars, thumbnail
         return thumbnail(self.x, self.input_shape, size=1.4) or output_bars(
             {"model_a": self.output_a, "model_b": self.output_b}, "outputs at the witness")
 
     def plot(self, ax=None):
         """The best value over the search steps."""
-        import matplotlib.pyplot as plt
-        ax = ax or plt.gca()
+        ax = on_axes(ax)
         ax.plot(range(1, len(self.trace) + 1), self.trace)
         ax.set_xlabel("step")
         ax.set_ylabel(f"best {self.difference}")
@@ -176,16 +241,13 @@ class Certificate(_Result):
                 ("arithmetic", arithmetic_text(self.arithmetic)), ("seconds", f"{self.seconds:.2f}")]
 
     def _figure(self):
-        from .figures import interval_png, thumbnail
         shape = self.region.get("shape") or [len(self.witness or [])]
         image = thumbnail(self.witness, shape, size=1.4) if self.witness else None
         return image or interval_png(self.lower, self.upper, self.difference)
 
     def plot(self, ax=None):
         """Per-output certified interval of the difference."""
-        import matplotlib.pyplot as plt
-        ax = ax or plt.gca()
-        from .figures import bars
+        ax = on_axes(ax)
         bars(ax, self.lower, self.upper, "certified interval")
         if self.threshold is not None:
             ax.axhline(self.threshold, color="red", ls="--", label="threshold")
@@ -195,7 +257,7 @@ class Certificate(_Result):
         return ax
 
 
-_RISK = {"falsified": 0, "unknown": 1, None: 2, "verified": 3}
+_RISK = {Verdict.FALSIFIED: 0, Verdict.UNKNOWN: 1, None: 2, Verdict.VERIFIED: 3}
 
 
 @dataclass(frozen=True)
@@ -208,7 +270,7 @@ class DriftReport(_Result):
     norm: str
     threshold: Optional[float]
     method: str
-    points: list  # dicts: index, bound, found, verdict, label_a, label_b, [label], witness, ...
+    points: list[PointResult]
     counts: dict
     total: int
     bound: Optional[float]  # the worst certified bound over the points
@@ -230,9 +292,19 @@ class DriftReport(_Result):
                 f"{c.get('verified', 0)} verified, {c.get('falsified', 0)} falsified, "
                 f"{c.get('unknown', 0)} unknown; worst bound {_g(self.bound)}, {self.seconds:.1f}s)")
 
-    def ranked(self, n=None):
+    def to_dict(self):
+        return {**asdict(replace(self, points=[])), "points": [p.to_dict() for p in self.points]}
+
+    @classmethod
+    def _typed(cls, data):
+        points = data.get("points")
+        if not isinstance(points, list):
+            raise ValueError("points is not a list")
+        return {**data, "points": [PointResult.from_dict(p) for p in points]}
+
+    def ranked(self, n: Optional[int] = None) -> list[PointResult]:
         """Points by risk: falsified (largest witness first), unknown (largest bound), verified."""
-        key = lambda p: (_RISK[p["verdict"]], -(p["found"] if p["verdict"] == "falsified" else p["bound"]))
+        key = lambda p: (_RISK[p.verdict], -(p.found if p.verdict == Verdict.FALSIFIED else p.bound))
         return sorted(self.points, key=key)[:n]
 
     def _rows(self):
@@ -245,12 +317,12 @@ class DriftReport(_Result):
                 ("seconds", f"{self.seconds:.1f}")]
 
     def _repr_html_(self):
-        from .figures import thumbnail
         rows = []
         for p in self.ranked(8):
-            png = thumbnail(p["witness"], self.input_shape) if p.get("witness") else None
+            png = thumbnail(p.witness, self.input_shape) if p.witness else None
             img = f"<img src='data:image/png;base64,{png}'/>" if png else ""
-            cells = (p["index"], p["verdict"], _g(p["bound"]), _g(p["found"]))  # strings from files: escaped
+            verdict = p.verdict.value if p.verdict else "-"
+            cells = (p.index, verdict, _g(p.bound), _g(p.found))  # strings from files: escaped
             rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + f"<td>{img}</td></tr>")
         riskiest = ("<table><tr><th>point</th><th>verdict</th><th>bound</th><th>found</th><th>witness</th></tr>"
                     + "".join(rows) + "</table>")
@@ -258,9 +330,7 @@ class DriftReport(_Result):
 
     def plot(self, ax=None):
         """Histogram of the per-point certified bounds, coloured by verdict."""
-        import matplotlib.pyplot as plt
-        from .figures import verdict_histogram
-        ax = ax or plt.gca()
+        ax = on_axes(ax)
         verdict_histogram(self.points, self.threshold, ax)
         ax.set_title(f"drift at eps {self.eps}")
         return ax
@@ -286,7 +356,7 @@ class StabilityStudy(_Result):
     base: dict
     values: dict  # axis -> the value of each member
     distances: dict  # axis -> metric -> [members x members]
-    spread: dict  # axis -> metric -> {"mean", "low", "high"}
+    spread: dict[str, dict[str, Spread]]  # axis -> metric -> spread
     ranking: list
     rank_by: str
     eps: float
@@ -297,32 +367,39 @@ class StabilityStudy(_Result):
     provenance: dict = field(default_factory=dict)
 
     def __repr__(self):
-        order = " > ".join(f"{a} ({self.spread[a][self.rank_by]['mean']:.3g})" for a in self.ranking)
+        order = " > ".join(f"{a} ({self.spread[a][self.rank_by].mean:.3g})" for a in self.ranking)
         return f"StabilityStudy({self.members} members per axis; by {self.rank_by}: {order}; {self.seconds:.1f}s)"
 
     def _rows(self):
         metrics = list(next(iter(self.spread.values())))
-        return [(a, ", ".join(f"{m} {self.spread[a][m]['mean']:.3g} [{self.spread[a][m]['low']:.3g}, "
-                              f"{self.spread[a][m]['high']:.3g}]" for m in metrics)) for a in self.ranking]
+        return [(a, ", ".join(f"{m} {self.spread[a][m]}" for m in metrics)) for a in self.ranking]
 
-    def plot(self, metric=None, ax=None):
+    @classmethod
+    def _typed(cls, data):
+        spread = {axis: {metric: Spread(**s) for metric, s in by_metric.items()}
+                  for axis, by_metric in data["spread"].items()}
+        return {**data, "spread": spread}
+
+    def plot(self, ax=None, metric=None):
         """Spread per axis (mean pairwise distance) with its 95 % bootstrap interval."""
-        import matplotlib.pyplot as plt
         metric = metric or self.rank_by
-        ax = ax or plt.gca()
-        means = [self.spread[a][metric]["mean"] for a in self.ranking]
-        err = [[m - self.spread[a][metric]["low"] for a, m in zip(self.ranking, means)],
-               [self.spread[a][metric]["high"] - m for a, m in zip(self.ranking, means)]]
+        ax = on_axes(ax)
+        spreads = [self.spread[a][metric] for a in self.ranking]
+        means = [s.mean for s in spreads]
+        err = [[s.mean - s.low for s in spreads], [s.high - s.mean for s in spreads]]
         ax.bar(self.ranking, means, yerr=err, capsize=4, alpha=0.7)
         ax.set_ylabel(f"mean pairwise {metric}")
         ax.set_title("spread per axis (95 % bootstrap CI)")
         return ax
 
-    def plot_matrices(self, metric=None):
-        """One heatmap of the pairwise distance matrix per axis; returns the figure."""
-        import matplotlib.pyplot as plt
+    def plot_matrices(self, metric=None, fig=None):
+        """One heatmap of the pairwise distance matrix per axis, drawn on `fig` (a new pyplot
+        figure by default); returns the figure."""
+        if fig is None:
+            import matplotlib.pyplot as plt
+            fig = plt.figure(figsize=(3.2 * len(self.axes), 3))
         metric = metric or self.rank_by
-        fig, axes = plt.subplots(1, len(self.axes), figsize=(3.2 * len(self.axes), 3), squeeze=False)
+        axes = fig.subplots(1, len(self.axes), squeeze=False)
         for ax, axis in zip(axes[0], self.axes):
             image = ax.imshow(self.distances[axis][metric], cmap="viridis")
             ax.set_title(f"{axis}: {metric}", fontsize=9)
@@ -359,8 +436,7 @@ class StructuralStability(_Result):
 
     def plot(self, ax=None):
         """Found (dashed) and certified (solid) worst-case drift against the perturbation scale."""
-        import matplotlib.pyplot as plt
-        ax = ax or plt.gca()
+        ax = on_axes(ax)
         for kind, rows in self.curves.items():
             scales = [r["scale"] for r in rows]
             if self.regions:
@@ -399,8 +475,7 @@ class CapabilityStudy(_Result):
     def plot(self, ax=None, which="losses"):
         """The recorded trajectories: `losses` (base objective), `grad_norms` (mesa objective)
         or `heldout_losses`."""
-        import matplotlib.pyplot as plt
-        ax = ax or plt.gca()
+        ax = on_axes(ax)
         for name, o in self.optimisers.items():
             if o.get(which):
                 ax.plot(o[which], label=name)

@@ -11,10 +11,10 @@ def digits_run(config):
     full training loss and its gradient norm each epoch (and the held-out loss).
 
     Config: seed, data_order, bootstrap, lr, momentum, epochs, hidden, batch (see
-    diffprobe.trainers), `decay` (True: the learning rate decays as lr / (1 + 0.3 epoch)) and
+    diffprobe_examples.trainers), `decay` (True: the learning rate decays as lr / (1 + 0.3 epoch)) and
     `init_scale` (initial weights multiplied by it)."""
-    from diffprobe.demo import digits_data
-    from diffprobe.trainers import DIGITS_DEFAULTS, bootstrap_indices, digits_architecture, sgd
+    from diffprobe_examples.demo import digits_data
+    from diffprobe_examples.trainers import DIGITS_DEFAULTS, bootstrap_indices, digits_architecture, sgd
     config = {**DIGITS_DEFAULTS, "decay": True, "momentum": 0.0, **config}
     x, y, x_test, y_test = digits_data(0)
     keep = bootstrap_indices(len(x), config["bootstrap"])

@@ -78,7 +78,7 @@ def native_max(model_a, model_b, region, difference, n=1000, steps=40, restarts=
 def digits_classifier():
     """The issue's 64-64-32-10 ReLU MLP on sklearn's digits, trained in about a second; with its
     test inputs."""
-    from diffprobe.demo import digits_data, train
+    from diffprobe_examples.demo import digits_data, train
     x, y, x_test, _ = digits_data(0)
     torch.manual_seed(0)
     return train(digits_architecture(), x, y, epochs=20), x_test
@@ -116,7 +116,7 @@ def small_cnn(seed):
 def digits_cnn():
     """A small CNN on the 1x8x8 digits images (conv-ReLU-avgpool twice, then linear), trained in
     a few seconds; with its test inputs."""
-    from diffprobe.demo import digits_data, train
+    from diffprobe_examples.demo import digits_data, train
     x, y, x_test, _ = digits_data(0)
     torch.manual_seed(0)
     model = Network([nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(8, 16, 3, padding=1),

@@ -79,7 +79,7 @@ def int8_mlp():
 
 
 def _trained(model, seed=0, epochs=8):
-    from diffprobe.demo import digits_data, train
+    from diffprobe_examples.demo import digits_data, train
     x, y, _, _ = digits_data(0)
     torch.manual_seed(seed)
     return train(model, x.reshape(-1, *model.input_shape), y, epochs=epochs)
@@ -87,7 +87,7 @@ def _trained(model, seed=0, epochs=8):
 
 def _tuned(model):
     """`model` fine-tuned briefly on the brighter digits 0-4 (the drift diffprobe measures)."""
-    from diffprobe.demo import digits_data, train
+    from diffprobe_examples.demo import digits_data, train
     x, y, _, _ = digits_data(0)
     keep = y < 5
     return train(copy.deepcopy(model), (x[keep] * 1.2).clamp(0, 1).reshape(-1, *model.input_shape), y[keep],
@@ -101,7 +101,7 @@ def _save_pair(folder, a, b, factory):
 
 
 def _data(folder, shape):
-    from diffprobe.demo import digits_data
+    from diffprobe_examples.demo import digits_data
     x_test = digits_data(0)[2][:6].reshape(-1, *shape)
     np.save(folder / "data.npy", x_test.numpy())
     np.save(folder / "center.npy", x_test[0].numpy())

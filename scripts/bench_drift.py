@@ -68,7 +68,7 @@ def main():
         report, batched, looped, verified_loop = run(a, b, x, args.loop)
         c, n = report.counts, len(report.points)
         per_pt, loop_pt = batched / n, looped / args.loop
-        first = sum(p["verdict"] == "verified" for p in report.points[:args.loop]) / args.loop
+        first = sum(p.verdict == dp.Verdict.VERIFIED for p in report.points[:args.loop]) / args.loop
         print(f"| mnistfc 256x2 vs {name} | {n} | {batched:.1f} | {c['verified'] / n:.3f} | {c['falsified']} | "
               f"{c['unknown']} | {report.bound:.3g} | {first:.3f} / {verified_loop:.3f} | {loop_pt:.3f} | "
               f"{loop_pt / per_pt:.1f}x |", flush=True)

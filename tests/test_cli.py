@@ -179,7 +179,15 @@ def test_report_renders_saved_results(pair):
     r = run("search", pair / "a.pt", pair / "b.pt", "--arch", f"{__file__}:factory", "--box", -1, 1, "--json", "--quiet")
     (pair / "s.json").write_text(r.stdout)
     files.append(pair / "s.json")
-    r = run("report", *files, "--out", pair / "report.html")
+    import matplotlib
+    import matplotlib.pyplot as plt
+    backend, open_figures = matplotlib.get_backend(), plt.get_fignums()
+    matplotlib.use("svg")  # a notebook's backend, say: the report must leave it as it is
+    try:
+        r = run("report", *files, "--out", pair / "report.html")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == open_figures
+    finally:
+        matplotlib.use(backend)
     assert r.exit_code == 0, r.output
     page = (pair / "report.html").read_text()
     assert "certified bound vs eps" in page and page.count("<img") >= 4 and "SearchResult" in page

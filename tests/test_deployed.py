@@ -196,8 +196,8 @@ def test_a_module_is_bounded_by_its_forward_not_its_weight():
         report = dp.drift(base, other, points, eps=0.5, threshold=0.02)
         assert report.verdict is not dp.Verdict.VERIFIED
         for p in report.points:
-            region = dp.LinfBall(points[p["index"]], 0.5)
-            assert native_max(base, other, region, ELEMENTWISE, n=300, steps=10) <= p["bound"]
+            region = dp.LinfBall(points[p.index], 0.5)
+            assert native_max(base, other, region, ELEMENTWISE, n=300, steps=10) <= p.bound
         with pytest.raises(dp.UnsupportedOperationError, match="lowered|hook|parametri"):
             dp.certify(base, other, dp.LinfBall(points[0], 0.5), method="differential")
         assert deploy(base, other, [dp.LinfBall(points[0], 0.5)]).chains[1] is None

@@ -50,9 +50,9 @@ def test_transforms_and_shapes():
     out = _transformed(x, ("jitter", "scale", "rotate"), 5, gen)
     assert out.shape == (5, 3, 8, 8) and not torch.equal(out[0], out[1])
     assert image_shape((64,)) == (1, 8, 8) and image_shape((3, 32, 32)) == (3, 32, 32)
-    with pytest.raises(ValueError, match="not images"):
+    with pytest.raises(dp.ShapeMismatchError, match="not images"):
         image_shape((10,))
-    with pytest.raises(ValueError, match="parameterisation"):
+    with pytest.raises(dp.ArgumentError, match="parameterisation"):
         dp.dream(mlp([16, 4, 2], 0), mlp([16, 4, 2], 1), param="wavelet")
 
 

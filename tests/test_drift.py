@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from diffprobe import DataError, DriftReport, LinfBall, RegionError, Verdict, certify, drift, get_difference
+from diffprobe import DataError, DriftReport, LinfBall, PointResult, RegionError, Verdict, certify, drift, get_difference
 from diffprobe.deployment import deploy
 from conftest import examples, mlp, shifted
 
@@ -18,18 +18,18 @@ def _sound(report, model_a, model_b, regions, difference="elementwise", n=500):
     pair = deploy(model_a, model_b, regions).pair
     diff = get_difference(difference)
     for p in report.points:
-        region = regions[p["index"]]
-        x = region.sample(n, torch.Generator().manual_seed(p["index"]))
+        region = regions[p.index]
+        x = region.sample(n, torch.Generator().manual_seed(p.index))
         with torch.no_grad():
             values = diff(*pair.outputs(x))
-        slack = 1e-9 * (1 + abs(p["bound"]))
-        assert values.max().item() <= p["bound"] + slack
-        assert p["found"] <= p["bound"] + slack
-        if p["witness"] is not None:
-            w = torch.tensor(p["witness"], dtype=torch.float64).reshape(1, *region.shape)
+        slack = 1e-9 * (1 + abs(p.bound))
+        assert values.max().item() <= p.bound + slack
+        assert p.found <= p.bound + slack
+        if p.witness is not None:
+            w = torch.tensor(p.witness, dtype=torch.float64).reshape(1, *region.shape)
             assert bool(region.contains(w))
             with torch.no_grad():
-                assert diff(*pair.outputs(w)).item() == pytest.approx(p["found"], rel=1e-9, abs=1e-12)
+                assert diff(*pair.outputs(w)).item() == pytest.approx(p.found, rel=1e-9, abs=1e-12)
 
 
 @settings(max_examples=examples(10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -47,7 +47,7 @@ def test_drift_bounds_hold_on_every_point(seed, eps, noise, norm, top1, threshol
     from diffprobe.regions import ball
     regions = [ball(p, eps, norm, (0.0, 1.0)) for p in points]
     _sound(report, a, b, regions, "top1" if top1 else "elementwise")
-    assert [p["index"] for p in report.points] == list(range(6))
+    assert [p.index for p in report.points] == list(range(6))
     assert sum(report.counts.values()) == (6 if report.threshold is not None else 0)
 
 
@@ -63,8 +63,16 @@ def test_verdicts_counts_and_agreement_on_a_shifted_copy():
     assert deployed.verdict == Verdict.VERIFIED and 0.2 <= deployed.bound < 0.2 + 1e-4
     bad = drift(a, b, points, eps=0.1, threshold=0.15)
     assert bad.verdict == Verdict.FALSIFIED and bad.counts["falsified"] == 10
-    assert all(p["found"] == pytest.approx(0.2, abs=1e-6) for p in bad.points)
+    assert all(p.found == pytest.approx(0.2, abs=1e-6) for p in bad.points)
     assert DriftReport.from_json(bad.to_json()) == bad
+    for report in (ok, bad):  # typed records, and the JSON they were always written as
+        text = report.to_json()
+        assert DriftReport.from_json(text).to_json() == text
+        assert all(isinstance(p, PointResult) and isinstance(p.verdict, Verdict) for p in report.points)
+        keys = ["bound", "found", "witness", "branches", "notes", "verdict", "seconds"] + \
+            (["gradient_masked"] if report is bad else []) + ["index", "label_a", "label_b"] + \
+            (["label"] if report is ok else [])
+        assert list(json.loads(text)["points"][0]) == keys
 
 
 def test_drift_agrees_with_certify_point_by_point():
@@ -72,8 +80,8 @@ def test_drift_agrees_with_certify_point_by_point():
     points = torch.rand(3, 4, dtype=torch.float64)
     report = drift(a, b, points, eps=0.05, threshold=0.0, method="crown")
     for p in report.points:
-        cert = certify(a, b, LinfBall(points[p["index"]], 0.05), method="crown", threshold=0.0)
-        assert p["bound"] == pytest.approx(cert.bound, rel=1e-9)
+        cert = certify(a, b, LinfBall(points[p.index], 0.05), method="crown", threshold=0.0)
+        assert p.bound == pytest.approx(cert.bound, rel=1e-9)
 
 
 def test_top1_mode_counts_flips():
@@ -81,7 +89,7 @@ def test_top1_mode_counts_flips():
     b = mlp([3, 8, 4], 5)  # an unrelated model: labels differ on many points
     points = torch.rand(12, 3, dtype=torch.float64)
     report = drift(a, b, points, eps=0.01, top1=True)
-    disagree = sum(p["label_a"] != p["label_b"] for p in report.points)
+    disagree = sum(p.label_a != p.label_b for p in report.points)
     assert report.difference == "top1" and report.threshold == 0.0
     assert report.counts["falsified"] >= disagree > 0
     assert report.agreement == pytest.approx(1 - disagree / 12)
@@ -93,8 +101,8 @@ def test_branch_and_bound_per_point_only_tightens():
     plain = drift(a, b, points, eps=1.0, threshold=0.0, method="crown")
     split = drift(a, b, points, eps=1.0, threshold=1e9 * 0 + plain.found * 1.5, method="crown",
                   time_budget_per_point=1.0)
-    assert all(s["bound"] <= p["bound"] + 1e-12 for s, p in zip(split.points, plain.points))
-    assert split.points[0]["branches"] > 1 or split.points[0]["verdict"] != "unknown"
+    assert all(s.bound <= p.bound + 1e-12 for s, p in zip(split.points, plain.points))
+    assert split.points[0].branches > 1 or split.points[0].verdict != Verdict.UNKNOWN
 
 
 def test_checkpoint_and_resume(tmp_path):
@@ -107,7 +115,7 @@ def test_checkpoint_and_resume(tmp_path):
     # a crash after the first chunk, with the last line cut short
     path.write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])
     resumed = drift(a, b, points, eps=0.05, threshold=0.5, checkpoint=path, resume=True, chunk_size=3)
-    assert [p["bound"] for p in resumed.points] == [p["bound"] for p in full.points]
+    assert [p.bound for p in resumed.points] == [p.bound for p in full.points]
     with pytest.raises(DataError, match="other settings"):
         drift(a, b, points, eps=0.06, threshold=0.5, checkpoint=path, resume=True)
 
@@ -118,7 +126,7 @@ def test_process_pool_gives_the_same_report():
     serial = drift(a, b, points, eps=0.05, threshold=0.3, chunk_size=2)
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         parallel = drift(a, b, points, eps=0.05, threshold=0.3, chunk_size=2, executor=pool, threads_per_job=1)
-    assert [(p["bound"], p["verdict"]) for p in parallel.points] == [(p["bound"], p["verdict"]) for p in serial.points]
+    assert [(p.bound, p.verdict) for p in parallel.points] == [(p.bound, p.verdict) for p in serial.points]
 
 
 @pytest.mark.slow
@@ -160,7 +168,7 @@ def test_data_files_with_labels_and_vnnlib_folders(tmp_path):
         lines += [f"(assert (>= X_{j} {0.1 * i}))\n(assert (<= X_{j} {0.1 * i + 0.05}))" for j in range(3)]
         (folder / f"p{i}.vnnlib").write_text("\n".join(lines))
     boxes = drift(a, b, folder, threshold=10.0)
-    assert [p["source"] for p in boxes.points] == ["p0.vnnlib", "p1.vnnlib"] and boxes.eps is None
+    assert [p.source for p in boxes.points] == ["p0.vnnlib", "p1.vnnlib"] and boxes.eps is None
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="empty folder"):
@@ -187,7 +195,7 @@ def test_ctrl_c_keeps_finished_points_and_resume_completes(tmp_path, monkeypatch
     monkeypatch.setattr(drift_module, "run_chunk", real)
     done = drift(a, b, points, eps=0.05, threshold=0.5, chunk_size=2, checkpoint=path, resume=True)
     fresh = drift(a, b, points, eps=0.05, threshold=0.5, chunk_size=2)
-    assert [p["bound"] for p in done.points] == [p["bound"] for p in fresh.points]
+    assert [p.bound for p in done.points] == [p.bound for p in fresh.points]
 
 
 def test_html_repr_shows_the_riskiest_points_with_thumbnails():
@@ -222,5 +230,5 @@ def test_l2_balls_are_bounded_in_one_batch_with_the_same_bounds():
     points = torch.rand(4, 4, dtype=torch.float64)
     report = drift(a, b, points, eps=0.1, norm="2", clip=(0.0, 1.0), threshold=0.0, method="crown")
     for p in report.points:
-        cert = certify(a, b, L2Ball(points[p["index"]], 0.1, (0.0, 1.0)), method="crown", threshold=0.0)
-        assert p["bound"] == pytest.approx(cert.bound, rel=1e-9)
+        cert = certify(a, b, L2Ball(points[p.index], 0.1, (0.0, 1.0)), method="crown", threshold=0.0)
+        assert p.bound == pytest.approx(cert.bound, rel=1e-9)

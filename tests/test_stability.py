@@ -30,7 +30,7 @@ TINY_DEFAULTS = {"seed": 0, "data_order": 0, "bootstrap": None, "lr": 0.5, "mome
 
 def tiny(config):
     """A 4-8-3 classifier of synthetic data, honouring seed / data_order / bootstrap / lr."""
-    from diffprobe.trainers import bootstrap_indices, sgd
+    from diffprobe_examples.trainers import bootstrap_indices, sgd
     config = {**TINY_DEFAULTS, **config}
     keep = bootstrap_indices(len(X), config["bootstrap"])
     return sgd(mlp([4, 8, 3], int(config["seed"])), X[keep], Y[keep], config)
@@ -80,7 +80,7 @@ def test_study_distances_spread_and_ranking():
             if i != j:
                 assert seed["certified"][i][j] > 0
     s = study.spread["seed"]["js"]
-    assert s["low"] <= s["high"] and s["mean"] > 0
+    assert isinstance(s, dp.Spread) and s.low <= s.high and s.mean > 0
     assert dp.StabilityStudy.from_json(study.to_json()) == study
     assert study.values["lr"][0] < study.values["lr"][-1]
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import DiffprobeError
-from .layers import Network
+from diffprobe.errors import DiffprobeError
+from diffprobe.layers import Network
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def accuracy(model, x, y):
 def run_demo(seed=0, eps=0.02, points=3, threshold=3.0, progress=False):
     """The demo's data: the pair's accuracies and, around a few test images, a certificate of the
     logit drift (with its witness) and of top-1 agreement."""
-    from .certification import certify
-    from .regions import LinfBall
+    from diffprobe import certify
+    from diffprobe import LinfBall
     pair = digits_pair(seed)
     rows = []
     for i in range(points):
@@ -96,3 +96,21 @@ def run_demo(seed=0, eps=0.02, points=3, threshold=3.0, progress=False):
     as_json = {**summary, "points": [{"index": r["index"], "drift": r["drift"].to_dict(),
                                       "top1": r["top1"].to_dict()} for r in rows]}
     return {"summary": summary, "rows": rows, "json": as_json}
+
+
+def demo_text(report):
+    """The demo's table for the terminal."""
+    s = report["summary"]
+    lines = ["diffprobe demo: a digits classifier (model_a) vs its copy fine-tuned on a shifted subset (model_b)",
+             f"test accuracy: model_a {s['accuracy_a']:.3f}, model_b {s['accuracy_b']:.3f}",
+             f"regions: L-inf balls of radius {s['eps']} around test images, clipped to [0, 1]",
+             "",
+             f"{'image':>5}  {'found max|b-a|':>14}  {'certified':>10}  {'gap':>6}  {'drift <= ' + str(s['threshold']):>14}  {'top-1 agreement':>16}"]
+    for r in report["rows"]:
+        d, t = r["drift"], r["top1"]
+        agree = {"verified": "certified", "falsified": "FLIP FOUND", "unknown": "unknown"}[t.verdict.value]
+        lines.append(f"{r['index']:>5}  {d.found:>14.5g}  {d.bound:>10.5g}  {d.gap_ratio:>6.3f}  "
+                     f"{d.verdict.value:>14}  {agree:>16}")
+    lines += ["", "found: a witness input inside the ball (lower bound); certified: a bound over the "
+              "whole ball, without sampling (upper bound)."]
+    return "\n".join(lines)
