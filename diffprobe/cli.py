@@ -445,6 +445,84 @@ _certify_command("compare", "Search and certify in one report, with a larger sea
 
 
 @main.command()
+@click.argument("query", type=click.Path(exists=True, dir_okay=False))
+@click.argument("networks", nargs=-1, required=True)
+@click.option("--timeout", type=POSITIVE, help="seconds for the whole answer, loading included")
+@click.option("--result", "result_file", type=click.Path(dir_okay=False),
+              help="write the answer here in VNN-COMP's result format (sat with the counterexample)")
+@click.option("--out", type=click.Path(dir_okay=False), help="write the answer as JSON here")
+@click.option("--arithmetic", type=click.Choice(["native", "exact"]), default="native", show_default=True,
+              help="what the networks run in: native (as stored: float32 ONNX in float32) or exact")
+@click.option("--trust", is_flag=True, help="allow network files that unpickle code")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+@force_option
+@_friendly
+def solve(query, networks, timeout, result_file, out, arithmetic, trust, seed, as_json, force):
+    """Answer a two-network VNN-LIB 2.0 QUERY: unsat (certified, exit 0), sat (a counterexample
+    checked on the networks, exit 10), unknown or timeout (exit 5). NETWORKS: the two network
+    files (f, then g), `NAME=PATH` pairs, or VNN-COMP's instances.csv field
+    "[('f', 'f.onnx'), ('g', 'g.onnx')]"; one file serves both networks."""
+    import dataclasses
+    import time
+    from .loading import load_model
+    from ._solve import solve as run_solve
+    from .vnnlib2 import confirmed_on_files, read_query, result_text
+    from .outputs import is_result, write_text
+    started = time.perf_counter()
+    paths = _network_paths(networks)
+    for target, recognised in ((result_file, _is_answer), (out, is_result)):
+        check_out(target, [query, *paths.values()], force, recognised)
+    parsed = read_query(query)
+    files = _networks_of(parsed, paths)
+    f, g = (load_model(p, trust=trust) for p in files)
+    remaining = timeout - (time.perf_counter() - started) if timeout else None
+    answer = run_solve(f, g, parsed, timeout=remaining, seed=seed, arithmetic=arithmetic)
+    if answer.result == "sat" and not confirmed_on_files(files, parsed, answer.counterexample):
+        answer = dataclasses.replace(answer, result="unknown", notes=answer.notes + [
+            "the counterexample does not violate the query under onnx's reference evaluator"])
+    if result_file:
+        write_text(result_file, result_text(parsed, answer.result, answer.counterexample))
+    if out:
+        write_text(out, answer.to_json(indent=1))
+    click.echo(answer.to_json() if as_json else answer.result)
+    sys.exit({"unsat": 0, "sat": 10}.get(answer.result, 5))
+
+
+def _network_paths(networks):
+    """NAME -> path (names None: by position) from the NETWORKS arguments."""
+    import ast
+    if len(networks) == 1 and networks[0].lstrip().startswith("["):
+        try:
+            pairs = ast.literal_eval(networks[0])
+            assert all(isinstance(n, str) and isinstance(p, str) for n, p in pairs)
+        except (ValueError, SyntaxError, TypeError, AssertionError):
+            raise click.UsageError(f"cannot read the networks field {networks[0][:80]!r}; give "
+                                   "\"[('f', 'f.onnx'), ('g', 'g.onnx')]\" or the files themselves") from None
+        return dict(pairs)
+    if len(networks) > 2:
+        raise click.UsageError(f"{len(networks)} networks given; a query compares two")
+    named = [n.partition("=") if "=" in n else (None, "", n) for n in networks]
+    return {name if name is not None else i: path for i, (name, _, path) in enumerate(named)}
+
+
+def _networks_of(query, paths):
+    """The files of the query's two networks, by name or else by position."""
+    if len(paths) == 1:
+        return [next(iter(paths.values()))] * 2
+    by_name = [paths.get(name) for name in query.networks]
+    if None not in by_name:
+        return by_name
+    return list(paths.values())[:2]
+
+
+def _is_answer(path):
+    """A VNN-COMP result file (diffprobe may overwrite it)."""
+    with open(path, errors="replace") as handle:
+        return handle.readline().strip() in ("", "sat", "unsat", "unknown", "timeout", "error")
+
+
+@main.command()
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eps", type=NON_NEGATIVE, default=0.02, show_default=True)
 @click.option("--threshold", type=NON_NEGATIVE, default=3.0, show_default=True, help="allowed logit drift")

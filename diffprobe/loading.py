@@ -100,6 +100,12 @@ def check_finite(model, name="model"):
         raise CheckpointError(f"{name}: NaN or infinite values in {', '.join(bad)}; the checkpoint is corrupt")
 
 
+def onnx_proto(path: Union[str, Path]):
+    """The ModelProto of an ONNX file (gzipped or not)."""
+    import onnx
+    return onnx.load_from_string(_gunzipped(path)) if _is_gzip(path) else onnx.load(str(path))
+
+
 def _load_onnx(path):
     try:
         import onnx
@@ -107,7 +113,7 @@ def _load_onnx(path):
         raise CheckpointError("reading ONNX needs the onnx package: pip install 'diffprobe[onnx]'") from exc
     from .onnx_import import onnx_to_torch
     try:
-        proto = onnx.load_from_string(_gunzipped(path)) if _is_gzip(path) else onnx.load(str(path))
+        proto = onnx_proto(path)
     except CheckpointError:
         raise
     except Exception as exc:  # onnx raises DecodeError and friends

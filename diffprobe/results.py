@@ -484,3 +484,38 @@ class CapabilityStudy(_Result):
         ax.set_yscale("log")
         ax.legend()
         return ax
+
+
+@dataclass(frozen=True)
+class QueryResult(_Result):
+    """The answer to a two-network VNN-LIB query: `sat` (with a counterexample checked on the
+    models as they run), `unsat` (certified), `unknown` or `timeout`."""
+
+    result: str
+    networks: list
+    boxes: int  # input boxes in the query's region
+    bound: float  # the certified bound of max |model_g - model_f| over the region (inf: not every box was bounded)
+    counterexample: Optional[dict]  # input, output_f, output_g (flattened) and the violation margin
+    method: Optional[str]
+    seconds: float
+    notes: list = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        bound = f", bound {_g(self.bound)}" if math.isfinite(self.bound) else ""
+        return f"QueryResult({self.result}{bound}, {self.seconds:.1f}s)"
+
+    def _rows(self):
+        return [("result", self.result), ("networks", " vs ".join(self.networks)), ("boxes", self.boxes),
+                ("bound", _g(self.bound)), ("method", self.method or "-"), ("seconds", f"{self.seconds:.1f}")]
+
+    def plot(self, ax=None):
+        """The two networks' outputs at the counterexample (nothing to draw without one)."""
+        ax = on_axes(ax)
+        if self.counterexample:
+            bars_of = {"f": self.counterexample["output_f"], "g": self.counterexample["output_g"]}
+            for offset, (name, values) in enumerate(bars_of.items()):
+                ax.bar([i + 0.4 * offset for i in range(len(values))], values, width=0.4, label=name)
+            ax.legend()
+        ax.set_title(f"{self.result}: outputs at the counterexample" if self.counterexample else self.result)
+        return ax
