@@ -293,15 +293,18 @@ def differential_engine(problem):
     lowered chains, else None; built once per problem."""
     if problem.differential is None:
         kind = problem.graph.kind if problem.graph is not None else None
-        layers = matching_layers(*problem.deployment.chains) if kind == "elementwise" else None
+        layers = matching_layers(*problem.deployment.chains) if kind in DIFFERENTIAL_KINDS else None
         problem.differential = DifferentialBounds(layers) if layers is not None else False
     return problem.differential or None
 
 
+DIFFERENTIAL_KINDS = ("elementwise", "stacked")  # D itself, or spec rows over both models' outputs
+
+
 def _engine_or_raise(problem):
-    if problem.graph is not None and problem.graph.kind != "elementwise":
+    if problem.graph is not None and problem.graph.kind not in DIFFERENTIAL_KINDS:
         raise UnsupportedOperationError([problem.graph.kind], what="the differential method",
-                                        hint="it bounds the elementwise difference only")
+                                        hint="it bounds the elementwise difference and linear functions of both outputs")
     engine = differential_engine(problem)
     if engine is None:
         reasons = problem.deployment.notes or ["layer structures that do not match"]
@@ -316,7 +319,18 @@ def _engine_or_raise(problem):
 def differential(problem, region, lo, hi):
     """Differential bounds of model_b - model_a (see diffprobe.differential); box regions only,
     an L2 ball is bounded through its bounding box."""
-    return _engine_or_raise(problem).bounds(lo, hi)
+    return _engine_or_raise(problem).bounds(lo, hi, **_engine_specs(problem))
+
+
+def _engine_specs(problem):
+    """The engine's spec arguments: none for the difference itself; for rows C = [C_a | C_b] over
+    both models' stacked outputs, C_b on the difference and C_a + C_b on model_a."""
+    if problem.graph is None or problem.graph.kind != "stacked":
+        return {}
+    rows = torch.eye(problem.outputs) if problem.spec is None else problem.spec
+    rows = rows.to(torch.float64)
+    k = rows.shape[-1] // 2
+    return {"spec": rows[..., k:], "spec_z": rows[..., :k] + rows[..., k:]}
 
 
 @register_method("alpha-differential")
@@ -328,7 +342,7 @@ def alpha_differential(problem, region, lo, hi):
     engine = _engine_or_raise(problem)
     layers = [_per_layer(_relu_input_bounds(problem, m, lo, hi), chain, lo, hi)
               for m, chain in zip(_singles(problem), (engine.a, engine.b))]
-    return engine.bounds(lo, hi, given=[a + b for a, b in zip(*layers)])
+    return engine.bounds(lo, hi, given=[a + b for a, b in zip(*layers)], **_engine_specs(problem))
 
 
 def _singles(problem):

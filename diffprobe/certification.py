@@ -24,50 +24,61 @@ _INF = float("inf")
 
 
 class Spec:
-    """How a difference is bounded: the graph kind, the spec rows, and the scalar summary.
+    """How a difference is bounded: the graph kind, the spec rows (None: the graph's outputs), and
+    the scalar summary per box from per-row bounds. The difference itself (elementwise or
+    probability): rows are its outputs, the summary max |.|; other kinds subclass it."""
 
-    For top-1 the rows depend on model_a's label at each region's centre, so they are kept per
-    region ([n, rows, outputs]); one traced graph serves every label.
-    """
+    rows = None
 
     def __init__(self, difference, pair, centers):
-        self.kind = difference.bounded_as
-        if self.kind is None:
-            raise UnsupportedOperationError(
-                [difference.name], what="certification",
-                hint="it is not certifiable with bound propagation; certify 'elementwise' or "
-                     "'probability' instead, or use search for a lower bound")
-        self.graph_kind, self.rows = self.kind, None
-        if self.kind == "top1":
-            self._top1_rows(pair, centers)
-
-    def _top1_rows(self, pair, centers):
-        with torch.no_grad():
-            a, _ = pair.outputs(centers.to(torch.float64))
-        k, labels = a.shape[1], a.argmax(dim=1)
-        eye = torch.eye(k, dtype=torch.float64)
-        pairs = torch.stack([eye[j] - eye[i] for j in range(k) for i in range(k) if i != j])
-        zeros = lambda t: torch.zeros_like(t)
-        per_label = []
-        for y in range(k):
-            margins = eye[[j for j in range(k) if j != y]] - eye[y]  # m_j - m_y for j != y
-            # rows: model_a margins | model_b margins | model_b all pairwise differences
-            per_label.append(torch.cat([torch.cat([margins, zeros(margins)], 1),
-                                        torch.cat([zeros(margins), margins], 1),
-                                        torch.cat([zeros(pairs), pairs], 1)]))
-        self.graph_kind, self.k, self.rows = "stacked", k, torch.stack(per_label)[labels]
+        self.kind = self.graph_kind = difference.bounded_as
+        self.difference = difference
 
     def take(self, index):
         """The spec of a subset of the regions."""
         spec = copy.copy(self)
-        if self.rows is not None:
+        if self.rows is not None and self.rows.dim() == 3:
             spec.rows = self.rows[index]
         return spec
 
     def scalar(self, lower, upper):
         """The certified bound of the summary per box, from per-row bounds [n, rows]."""
-        if self.kind != "top1":
-            return torch.maximum(-lower, upper).amax(dim=1)
+        return torch.maximum(-lower, upper).amax(dim=1)
+
+    def reported(self, lower, upper):
+        """The per-row bounds a certificate reports."""
+        return lower, upper
+
+
+def _margin_rows(k, labels):
+    """Rows m_j - m_y for j != y, one block per label y in `labels` [len, k - 1, k]."""
+    eye = torch.eye(k, dtype=torch.float64)
+    return torch.stack([eye[[j for j in range(k) if j != y]] - eye[y] for y in labels])
+
+
+def _stacked(rows_a, rows_b):
+    """Rows over both models' outputs [a | b] from rows over model_a's and over model_b's."""
+    return torch.cat([torch.cat([rows_a, torch.zeros_like(rows_a)], -1),
+                      torch.cat([torch.zeros_like(rows_b), rows_b], -1)], -2)
+
+
+class Top1Spec(Spec):
+    """Top-1 flips against model_a's label at each region's centre: rows per region
+    ([n, rows, 2k] over both models' outputs) — model_a's margins, model_b's margins, and all of
+    model_b's pairwise differences; one traced graph serves every label."""
+
+    def __init__(self, difference, pair, centers):
+        super().__init__(difference, pair, centers)
+        with torch.no_grad():
+            a, _ = pair.outputs(centers.to(torch.float64))
+        k, labels = a.shape[1], a.argmax(dim=1)
+        margins = _margin_rows(k, range(k))
+        pairs = margins.reshape(-1, k)
+        model_b_pairs = torch.cat([torch.zeros_like(pairs), pairs], 1)
+        rows = torch.stack([torch.cat([_stacked(m, m), model_b_pairs]) for m in margins])
+        self.graph_kind, self.k, self.rows = "stacked", k, rows[labels]
+
+    def scalar(self, lower, upper):
         m = self.k - 1
         a_keeps = upper[:, :m].amax(dim=1) < 0
         # if model_a provably keeps label y, the flip margin is at most max_j b_j - b_y;
@@ -75,8 +86,44 @@ class Spec:
         return torch.where(a_keeps, upper[:, m:2 * m].amax(dim=1), upper[:, 2 * m:].amax(dim=1))
 
     def reported(self, lower, upper):
-        return (lower, upper) if self.kind != "top1" else (lower[:, self.k - 1:2 * (self.k - 1)],
-                                                           upper[:, self.k - 1:2 * (self.k - 1)])
+        return lower[:, self.k - 1:2 * (self.k - 1)], upper[:, self.k - 1:2 * (self.k - 1)]
+
+
+class ConfidentTop1Spec(Spec):
+    """delta-top-1: rows a_j - a_y and b_j - b_y for every label y (the same for every region). A
+    label y can be model_a's confident one somewhere in a box only if the log-odds
+    log((1-delta)/delta) - log sum_j exp(a_j - a_y) can reach 0 (its upper bound uses the lower
+    bounds of a_j - a_y); where it can, model_b must keep y (max_j b_j - b_y < 0). The summary
+    max_y min(log-odds bound, flip bound) is <= 0 when no confident label of model_a flips."""
+
+    def __init__(self, difference, pair, centers):
+        super().__init__(difference, pair, centers)
+        with torch.no_grad():
+            a, _ = pair.outputs(centers[:1].to(torch.float64))
+        self.k = k = a.shape[1]
+        margins = _margin_rows(k, range(k)).reshape(-1, k)  # label y's block: rows y (k-1) .. y (k-1) + k - 2
+        self.graph_kind, self.rows = "stacked", _stacked(margins, margins)
+        self.log_odds = math.log((1 - difference.confidence) / difference.confidence)
+
+    def scalar(self, lower, upper):
+        n, k, half = len(lower), self.k, self.rows.shape[0] // 2
+        a_low = lower[:, :half].reshape(n, k, k - 1)
+        confident = self.log_odds - torch.logsumexp(a_low, dim=2)  # upper bound of the log-odds, per label
+        flips = upper[:, half:].reshape(n, k, k - 1).amax(dim=2)
+        return torch.minimum(confident, flips).amax(dim=1)
+
+
+SPECS = {"top1": Top1Spec, "confident-top1": ConfidentTop1Spec}
+
+
+def spec_for(difference, pair, centers):
+    """The spec of `difference` over regions with these centres."""
+    if difference.bounded_as is None:
+        raise UnsupportedOperationError(
+            [difference.name], what="certification",
+            hint="it is not certifiable with bound propagation; certify 'elementwise' or "
+                 "'probability' instead, or use search for a lower bound")
+    return SPECS.get(difference.bounded_as, Spec)(difference, pair, centers)
 
 
 def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, within=None, skipped=None):
@@ -214,8 +261,8 @@ def certify(model_a: nn.Module, model_b: nn.Module, region: Region, *,
     """
     t0 = time.perf_counter()
     diff = get_difference(difference)
-    if diff.name == "top1" and threshold is None:  # label agreement: the certificate's threshold is 0
-        threshold = 0.0
+    if threshold is None:  # label agreement: the certificate's threshold is 0
+        threshold = diff.default_threshold
     # branch-and-bound's many cheap passes beat one optimised pass: optimise single passes only
     deployment, (region,), spec, problem, methods = prepare(model_a, model_b, [region], diff, method,
                                                             not time_budget, arithmetic, arithmetic_b)
@@ -252,7 +299,7 @@ def prepare(model_a, model_b, regions, diff, method, optimise, arithmetic="nativ
     their input shape, their spec, the problem and the methods to run (cheapest first)."""
     deployment = deploy(model_a, model_b, regions, arithmetic, arithmetic_b)
     regions = [fit_region(r, deployment.pair.input_shape) for r in regions]
-    spec = Spec(diff, deployment.pair, torch.stack([r.center for r in regions]))
+    spec = spec_for(diff, deployment.pair, torch.stack([r.center for r in regions]))
     problem = build_problem(deployment, spec.graph_kind)
     if spec.kind == "probability":  # probabilities are bounded from the logits too
         problem.logits = build_problem(deployment, "elementwise")

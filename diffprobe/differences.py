@@ -6,12 +6,13 @@ Registry: plain dict `DIFFERENCES` plus `register_difference`; CLI choices deriv
 `Objective` algebra (differences and input priors combined with +, - and scalar *) lives here too, so
 both directions of the conversion are in one module; the priors are in `diffprobe.objectives`.
 """
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from .errors import DiffprobeError
+from .errors import ArgumentError, DiffprobeError
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class Difference:
     reduce: Callable  # [batch, k] -> [batch]
     bounded_as: Optional[str]  # the graph the certifier bounds it on: "elementwise", "probability", "top1"; None: not at all
     per_output_max: bool = False  # the summary is max |per-output value|: the search may ascend one output at a time
+    default_threshold: Optional[float] = None  # label agreement: verified at <= 0 unless told otherwise
+    confidence: Optional[float] = None  # delta-top-1: only where model_a's top probability is at least this
 
     def __call__(self, a, b):
         """The scalar disagreement per sample."""
@@ -56,6 +59,11 @@ def register_difference(difference: "Difference") -> "Difference":
 def get_difference(name_or_difference: Union[str, "Difference"]) -> "Difference":
     if isinstance(name_or_difference, Difference):
         return name_or_difference
+    if name_or_difference.startswith("top1@"):  # delta-top-1, as its name reads back from JSON
+        try:
+            return top1_where_confident(float(name_or_difference[5:]))
+        except ValueError:
+            pass
     try:
         return DIFFERENCES[name_or_difference]
     except KeyError:
@@ -123,7 +131,27 @@ register_difference(Difference(
     _dlr_margins, lambda v: v.amax(dim=1), None))
 register_difference(Difference(
     "top1", "top-1 flip margin: max_j model_b_j - model_b_y with y = argmax model_a; > 0 means the labels differ",
-    _flip_margins, lambda v: v.amax(dim=1), "top1"))
+    _flip_margins, lambda v: v.amax(dim=1), "top1", default_threshold=0.0))
+
+
+def top1_where_confident(delta: float) -> Difference:
+    """delta-top-1 equivalence (VeryDiff's): model_b keeps model_a's label wherever model_a's top
+    softmax probability is at least `delta`. The value min(log-odds, flip margin) — the log-odds
+    log((1-delta)/delta) - log sum_j exp(a_j - a_y) of model_a's top class y (>= 0 exactly when
+    its probability is >= delta) and model_b's flip margin against y — is > 0 only at a
+    confident label of model_a that model_b does not keep; named `top1@delta`."""
+    if not 0 < delta < 1:
+        raise ArgumentError(f"the confidence delta must lie strictly between 0 and 1 (got {delta})")
+    log_odds = math.log((1 - delta) / delta)
+
+    def per_output(a, b):
+        a = _flat(a)
+        own = torch.nn.functional.one_hot(a.argmax(dim=1), a.shape[1]).bool()
+        others = (a - a.amax(dim=1, keepdim=True)).masked_fill(own, float("-inf"))
+        return torch.stack([log_odds - torch.logsumexp(others, dim=1), _flip_margins(a, b).amax(dim=1)], dim=1)
+    return Difference(f"top1@{delta:g}", f"top-1 flip margin where model_a's top probability is >= {delta:g}",
+                      per_output, lambda v: v.amin(dim=1), "confident-top1", default_threshold=0.0,
+                      confidence=delta)
 
 
 # --- search objectives: differences and priors combined with +, - and scalar * -----------------

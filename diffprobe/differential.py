@@ -155,8 +155,9 @@ def _refined(fn, rows, lower, upper, chunk=4096):
     for start in range(0, len(box), chunk):
         b, r = box[start:start + chunk], row[start:start + chunk]
         spec = torch.nn.functional.one_hot(r, lower.shape[1]).to(lower.dtype).unsqueeze(1)
-        lower[b, r] = torch.maximum(lower[b, r], fn(spec, b).squeeze(1))
-        upper[b, r] = torch.minimum(upper[b, r], -fn(-spec, b).squeeze(1))
+        both = fn(torch.cat([spec, -spec], dim=1), b)  # one pass gives the lower and the upper bound
+        lower[b, r] = torch.maximum(lower[b, r], both[:, 0])
+        upper[b, r] = torch.minimum(upper[b, r], -both[:, 1])
     return lower, upper
 
 
@@ -269,9 +270,10 @@ class DifferentialBounds:
         """Both models' first-layer weight matrices (input sensitivity for branch-and-bound)."""
         return self.a.layers[0].weight, self.b.layers[0].weight
 
-    def lower(self, spec_d, k, lo, hi, sa, sb, relax_d):
-        """Lower bound of spec_d . D_k over boxes [B, n] (spec_d: [B, m, n_k])."""
-        lam_z = torch.zeros_like(spec_d)
+    def lower(self, spec_d, k, lo, hi, sa, sb, relax_d, spec_z=None):
+        """Lower bound of spec_z . z_k + spec_d . D_k over boxes [B, n] (specs: [B, m, n_k]; z_k
+        is model_a's layer k, D_k model_b's minus it; spec_z None: zero)."""
+        lam_z = torch.zeros_like(spec_d) if spec_z is None else spec_z
         lam_d, const = spec_d, torch.zeros(spec_d.shape[:2], dtype=spec_d.dtype)
         for j in range(k, -1, -1):
             la, lb, (dw, db) = self.a.layers[j], self.b.layers[j], self.delta[j]
@@ -290,19 +292,24 @@ class DifferentialBounds:
             lam_d = _pick(lam_e, lo_p, up_p)
 
     @torch.no_grad()
-    def bounds(self, lo, hi, spec=None, given=None):
-        """Lower/upper bounds of spec @ (model_b - model_a) over each box [B, n]. `given`: per
-        hidden layer, sound bounds (l, u, l', u') of both models' pre-activations from elsewhere
-        (e.g. alpha-CROWN on each network), intersected with the engine's own."""
+    def bounds(self, lo, hi, spec=None, given=None, spec_z=None):
+        """Lower/upper bounds of spec @ (model_b - model_a) (+ spec_z @ model_a) over each box
+        [B, n]; specs [m, n_out] or one per box [B, m, n_out]. Any linear function of the two
+        models' outputs, C_a a + C_b b, is (C_a + C_b) a + C_b (b - a): model_b's top-1 margins
+        keep the cancellation of the difference. `given`: per hidden layer, sound bounds
+        (l, u, l', u') of both models' pre-activations from elsewhere (e.g. alpha-CROWN on each
+        network), intersected with the engine's own."""
         lo, hi = lo.reshape(len(lo), -1).double(), hi.reshape(len(hi), -1).double()
         sa = self.a.intermediate(lo, hi, None if given is None else [g[:2] for g in given])
         sb = self.b.intermediate(lo, hi, None if given is None else [g[2:] for g in given])
         relax_d = self._differences(lo, hi, sa, sb)
         k, n_out = len(self.delta) - 1, self.delta[-1][0].shape[0]
         spec = torch.eye(n_out, dtype=lo.dtype) if spec is None else spec.to(lo.dtype)
-        spec = spec.expand(lo.shape[0], *spec.shape)
-        return (self.lower(spec, k, lo, hi, sa, sb, relax_d),
-                -self.lower(-spec, k, lo, hi, sa, sb, relax_d))
+        spec = spec.expand(lo.shape[0], *spec.shape[-2:])
+        spec_z = None if spec_z is None else spec_z.to(lo.dtype).expand(lo.shape[0], *spec_z.shape[-2:])
+        negated = None if spec_z is None else -spec_z
+        return (self.lower(spec, k, lo, hi, sa, sb, relax_d, spec_z),
+                -self.lower(-spec, k, lo, hi, sa, sb, relax_d, negated))
 
     def _differences(self, lo, hi, sa, sb):
         """The relaxations of the ReLU differences, per hidden layer. D's bounds start as intervals
