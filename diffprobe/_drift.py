@@ -85,9 +85,11 @@ def drift(model_a: nn.Module, model_b: nn.Module, data: Union[str, Path, torch.T
     models as they run). Returns a `DriftReport`.
     """
     t0 = time.perf_counter()
-    if top1:
-        difference, threshold = "top1", 0.0 if threshold is None else threshold
     diff = get_difference(difference)
+    if top1 and diff.bounded_as not in ("top1", "confident-top1"):  # delta-top-1 is top-1 agreement too
+        diff = get_difference("top1")
+    if threshold is None:
+        threshold = diff.default_threshold
     points, labels, sources = as_points(data, labels)
     regions = _regions(model_a, model_b, points, eps, norm, clip)
     settings = DriftSettings(diff.name, threshold, method, time_budget_per_point, search_steps,

@@ -135,7 +135,22 @@ def common_options(fn):
         click.option("--quiet", is_flag=True, help="no progress on stderr"),
         click.option("--mlflow", "to_mlflow", is_flag=True,
                      help="also log the result to MLflow (active tracking settings)"),
-    )(fn)
+        click.option("--confidence", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     help="with top-1: only where MODEL_A's top probability is at least this "
+                          "(delta-top-1 equivalence)"),
+    )(_with_confidence(fn))
+
+
+def _with_confidence(fn):
+    """`--difference top1 --confidence D` (or `--top1 --confidence D`) is the difference `top1@D`."""
+    @functools.wraps(fn)
+    def wrapper(*args, confidence=None, **kwargs):
+        if confidence is not None:
+            if kwargs["difference"] != "top1" and not kwargs.get("top1"):
+                raise click.UsageError("--confidence applies to top-1 agreement: give --difference top1 (or --top1)")
+            kwargs["difference"] = f"top1@{confidence:g}"
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 def load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize):
