@@ -173,3 +173,22 @@ def test_instances_csv_field_is_read_without_running_code(tmp_path):
                                   "[__import__('os').system('touch pwned')]"])
     assert r.exit_code == 2 and not (tmp_path / "pwned").exists()
     assert ast.literal_eval(str([("f", "a.onnx")])) == [("f", "a.onnx")]
+
+
+def test_run_instance_answers_within_its_timeout_start_up_included(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    _onnx_pair(tmp_path, 0.2)
+    write(tmp_path, query_text(3, 2, 0.25), "safe.vnnlib", gz=True)
+    script = Path(__file__).resolve().parents[1] / "vnncomp" / "run_instance.sh"
+    env = {**os.environ, "DIFFPROBE": str(Path(sys.executable).parent / "diffprobe")}
+    field = str([("f", "f.onnx"), ("g", "g.onnx")])
+    for timeout, expected in ((60, "unsat"), (1.5, "timeout")):  # 1.5 s: killed while Python starts
+        t0 = time.perf_counter()
+        subprocess.run(["bash", str(script), "v1", "test", field, "safe.vnnlib.gz", "result.txt", str(timeout)],
+                       cwd=tmp_path, env=env, check=True, capture_output=True)
+        assert (tmp_path / "result.txt").read_text().strip() == expected
+        assert time.perf_counter() - t0 <= timeout + 1.0
