@@ -12,7 +12,7 @@ from torch import nn
 from .arithmetic import outward
 from .bounds import METHODS, build_problem, differential_engine
 from .deployment import deploy
-from .differences import Difference, get_difference
+from .differences import Difference, get_difference, is_probability
 from .errors import DiffprobeError, UnsupportedOperationError
 from .graph import fit_region
 from .regions import Region
@@ -100,6 +100,11 @@ class ConfidentTop1Spec(Spec):
         super().__init__(difference, pair, centers)
         with torch.no_grad():
             a, _ = pair.outputs(centers[:1].to(torch.float64))
+        if bool(is_probability(a.reshape(1, -1)).all()):
+            raise UnsupportedOperationError(
+                ["a Softmax output"], what="delta-top-1 certification",
+                hint="its bounds read model_a's confidence from logits; give the models without their final "
+                     "Softmax (search still finds confident flips)")
         self.k = k = a.shape[1]
         margins = _margin_rows(k, range(k)).reshape(-1, k)  # label y's block: rows y (k-1) .. y (k-1) + k - 2
         self.graph_kind, self.rows = "stacked", _stacked(margins, margins)
@@ -364,8 +369,10 @@ class BranchAndBound:
         """Per box the input dimension to halve: for matching chains the one that widens the
         first layer's pre-activation intervals most (width times that column's weight mass in
         both models; on the ACAS property-1 box this reaches a 45x smaller bound in 30 s than the
-        gradient score, whose value at a box centre is noise for a near-identical pair); otherwise
-        width times |gradient of the difference| at the centre."""
+        gradient score, whose value at a box centre is noise for a near-identical pair; splitting
+        by |input coefficient| of the box's worst bounded row times width instead left boxes wide
+        where neurons are unstable: 6x fewer branches in 60 s, and a looser bound, on ACAS N_2_3);
+        otherwise width times |gradient of the difference| at the centre."""
         x = (lo + hi) / 2
         with torch.no_grad():
             self._raise_witness(x, self.diff(*self.pair.outputs(x)))

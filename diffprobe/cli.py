@@ -14,11 +14,41 @@ import warnings
 import click
 
 from .version import __version__
-from .differences import DIFFERENCES
 from .errors import DiffprobeError
-from .results import Verdict
 
-EXIT = {None: 0, Verdict.VERIFIED: 0, Verdict.FALSIFIED: 10, Verdict.UNKNOWN: 5}
+# torch and everything that needs it is imported when a command runs, not for `diffprobe --help`
+EXIT = {None: 0, "verified": 0, "falsified": 10, "unknown": 5}  # by verdict value
+
+
+class _RegistryChoice(click.Choice):
+    """A choice among a registry's names, read when first needed (the registries import torch)."""
+
+    def __init__(self, names, **kwargs):
+        self._names = names
+        super().__init__((), **kwargs)
+
+    @property
+    def choices(self):
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value):
+        pass
+
+
+def _differences():
+    from .differences import DIFFERENCES
+    return list(DIFFERENCES)
+
+
+def _arithmetics():
+    from .deployment import ARITHMETICS
+    return ARITHMETICS
+
+
+def _methods():
+    from .certification import METHOD_NAMES
+    return METHOD_NAMES
 
 # the library speaks in API terms; on the command line they read as flags
 _CLI_TERMS = {"trust=True": "--trust", "force=True": "--force", "arch_kwargs=": "--arch-kwargs",
@@ -122,13 +152,12 @@ region_options = _options(
 
 
 def common_options(fn):
-    from .deployment import ARITHMETICS
     return _options(
-        click.option("--difference", type=click.Choice(list(DIFFERENCES)), default="elementwise", show_default=True),
-        click.option("--arithmetic", type=click.Choice(ARITHMETICS), default="native", show_default=True,
+        click.option("--difference", type=_RegistryChoice(_differences), default="elementwise", show_default=True),
+        click.option("--arithmetic", type=_RegistryChoice(_arithmetics), default="native", show_default=True,
                      help="what the models run in: native (as loaded: fp16 in fp16, int8 as int8), exact "
                           "(stored weights, real arithmetic), or a float format to cast to"),
-        click.option("--arithmetic-b", type=click.Choice(ARITHMETICS),
+        click.option("--arithmetic-b", type=_RegistryChoice(_arithmetics),
                      help="MODEL_B's arithmetic when it differs from --arithmetic"),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout"),
@@ -338,13 +367,11 @@ def data_options(fn):
 
 
 def _certify_command(name, doc, search_steps):
-    from .certification import METHOD_NAMES
-
     @main.command(name=name, help=doc)
     @model_options
     @region_options
     @common_options
-    @click.option("--method", type=click.Choice(METHOD_NAMES), default="auto", show_default=True)
+    @click.option("--method", type=_RegistryChoice(_methods), default="auto", show_default=True)
     @click.option("--threshold", type=FINITE, help="verdict: verified if bound <= T, falsified if a witness exceeds T")
     @click.option("--time-budget", type=POSITIVE,
                   help="seconds for branch-and-bound (per point with --data; off without it)")
@@ -375,7 +402,7 @@ def _certify_command(name, doc, search_steps):
                          arithmetic_b=arithmetic_b, progress=not quiet)
         _save(result, out)
         emit(result, as_json, certificate_text(result), to_mlflow)
-        sys.exit(130 if result.interrupted else EXIT[result.verdict])
+        sys.exit(130 if result.interrupted else EXIT[result.verdict and result.verdict.value])
     return command
 
 
@@ -409,7 +436,7 @@ def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, met
     if report.total > len(report.points):
         _fail(f"diffprobe: interrupted: {len(report.points)} of {report.total} points finished"
               + ("; the same command with --resume continues" if out else ""), 130)
-    sys.exit(EXIT[report.verdict])
+    sys.exit(EXIT[report.verdict and report.verdict.value])
 
 
 def _quiet_worker():
@@ -453,6 +480,39 @@ def _save(result, out):
     if out:
         from .outputs import write_text
         write_text(out, result.to_json(indent=1))
+
+
+@main.command()
+@model_options
+@region_options
+@click.option("--data", type=click.Path(exists=True), help="data points: balls of radius --eps around the "
+              "first --regions of them are certified, up to 512 of them are sampled")
+@click.option("--regions", type=AT_LEAST_ONE, default=4, show_default=True, help="balls certified with --data")
+@click.option("--difference", type=click.Choice(["elementwise", "probability"]), default="elementwise",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
+@click.option("--quiet", is_flag=True, help="no progress on stderr")
+@click.option("--out", type=click.Path(dir_okay=False), help="write the result as JSON here")
+@force_option
+@_friendly
+def layers(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps, norm,
+           clip, box, data, regions, difference, seed, as_json, quiet, out, force):
+    """Which layer makes MODEL_B differ from MODEL_A? Per matching layer: sampled SQNR and max
+    |delta| of its output, and the certified drift when only it (or all but it) differs."""
+    from . import localize
+    from .report import layers_text
+    if data is None:
+        check_region_options(vnnlib, center, eps, box)
+    elif eps is None:
+        raise click.UsageError("--data needs --eps E (the radius of the balls certified around its points)")
+    check_out(out, _input_files(model_a, model_b, arch, arch_b, center, vnnlib, data), force)
+    a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
+    where = data if data else make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
+    result = localize(a, b, where, eps=eps, norm=norm, clip=clip, regions=regions, difference=difference,
+                      seed=seed, progress=not quiet)
+    _save(result, out)
+    emit(result, as_json, layers_text(result))
 
 
 _certify_command("certify", "Bound how much MODEL_A and MODEL_B can differ over a region.", 50)

@@ -134,6 +134,16 @@ register_difference(Difference(
     _flip_margins, lambda v: v.amax(dim=1), "top1", default_threshold=0.0))
 
 
+def is_probability(a: torch.Tensor) -> torch.Tensor:
+    """Per row: whether the outputs are a probability vector (a model ending in Softmax)."""
+    return (a >= 0).all(dim=1) & ((a.sum(dim=1) - 1).abs() <= 1e-4)
+
+
+def _logits(a):
+    """Logits of each row: probability rows (a Softmax head) as their logarithms."""
+    return torch.where(is_probability(a)[:, None], a.clamp_min(1e-300).log(), a)
+
+
 def top1_where_confident(delta: float) -> Difference:
     """delta-top-1 equivalence (VeryDiff's): model_b keeps model_a's label wherever model_a's top
     softmax probability is at least `delta`. The value min(log-odds, flip margin) — the log-odds
@@ -145,7 +155,7 @@ def top1_where_confident(delta: float) -> Difference:
     log_odds = math.log((1 - delta) / delta)
 
     def per_output(a, b):
-        a = _flat(a)
+        a = _logits(_flat(a))
         own = torch.nn.functional.one_hot(a.argmax(dim=1), a.shape[1]).bool()
         others = (a - a.amax(dim=1, keepdim=True)).masked_fill(own, float("-inf"))
         return torch.stack([log_odds - torch.logsumexp(others, dim=1), _flip_margins(a, b).amax(dim=1)], dim=1)

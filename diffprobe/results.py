@@ -519,3 +519,74 @@ class QueryResult(_Result):
             ax.legend()
         ax.set_title(f"{self.result}: outputs at the counterexample" if self.counterexample else self.result)
         return ax
+
+
+@dataclass(frozen=True)
+class LayerDrift:
+    """One layer of a `LayerReport`: sampled error of its output on the models as they run, and the
+    certified bound of the output difference when only it differs and when all but it do."""
+
+    name: str
+    kind: str  # model_b's module type
+    sqnr_db: Optional[float]  # 10 log10(|a|^2 / |b - a|^2): model_b's layer on model_a's layer input; inf: identical
+    max_abs: Optional[float]  # max |b - a| of that output over the samples (None: not observed)
+    relative: Optional[float]  # |b - a| / |a| of that output
+    accumulated_sqnr_db: Optional[float]  # the whole models compared at this layer's output
+    only: float  # certified bound with only this layer's weights from model_b
+    all_but: float  # certified bound with every other matching layer's weights from model_b
+
+
+@dataclass(frozen=True)
+class LayerReport(_Result):
+    """Which layer makes the models differ: per matching layer, sampled and certified, ranked."""
+
+    layers: list[LayerDrift]
+    ranking: list  # layer names, the largest certified `only` bound first
+    bound: float  # certified bound with every matching layer's weights from model_b
+    difference: str
+    regions: int
+    samples: int
+    seconds: float
+    notes: list = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+    def __repr__(self):
+        top = ", ".join(self.ranking[:3])
+        return f"LayerReport({len(self.layers)} layers; largest contribution: {top}; {self.seconds:.1f}s)"
+
+    @classmethod
+    def _typed(cls, data):
+        return {**data, "layers": [LayerDrift(**_layer_fields(layer)) for layer in data["layers"]]}
+
+    def _rows(self):
+        by_name = {layer.name: layer for layer in self.layers}
+        return [(name, f"only {_g(by_name[name].only)}, all but {_g(by_name[name].all_but)}, "
+                       f"SQNR {_g(by_name[name].sqnr_db)} dB, max |delta| {_g(by_name[name].max_abs)}")
+                for name in self.ranking]
+
+    def plot(self, ax=None):
+        """Per layer (in model order): the certified bound when only it differs, and the sampled
+        max |delta| of its output."""
+        ax = on_axes(ax)
+        names = [layer.name for layer in self.layers]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [layer.only for layer in self.layers], width=0.4, label="certified, only this layer")
+        ax.bar([i + 0.2 for i in x], [layer.max_abs for layer in self.layers], width=0.4, label="sampled max |delta|")
+        ax.set_xticks(list(x), names, rotation=45, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(f"drift per layer (all layers: {_g(self.bound)})")
+        ax.legend(fontsize=7)
+        return ax
+
+
+def _layer_fields(layer):
+    """A layer's JSON fields typed back: null bounds were unbounded ones, a null SQNR of an
+    identical layer was infinite."""
+    fields_ = dict(layer)
+    for key in ("only", "all_but"):
+        fields_[key] = math.inf if fields_[key] is None else fields_[key]
+    if fields_["sqnr_db"] is None and fields_["max_abs"] == 0:
+        fields_["sqnr_db"] = math.inf
+    if fields_["accumulated_sqnr_db"] is None and fields_["max_abs"] is not None:
+        fields_["accumulated_sqnr_db"] = math.inf  # observed, so null was infinite (identical)
+    return fields_
