@@ -58,6 +58,9 @@ class Problem:
     differential: object = None  # the differential engine (False: not applicable), built on first use
     singles: object = None  # each model traced alone, for alpha-differential; built on first use
     alpha_seconds: Optional[float] = None  # what one alpha-differential pass took on this problem
+    # per hidden layer, pre-activation bounds (l, u, l', u') known to hold on the boxes about to be
+    # bounded (their parents' in branch-and-bound); set only around one call of the engine
+    parent_layers: Optional[list] = None
     outputs: int = 0  # outputs per model
     scale: float = 1.0  # magnitude of the models' outputs (bounds are rounded outward relative to it)
 
@@ -319,7 +322,10 @@ def _engine_or_raise(problem):
 def differential(problem, region, lo, hi):
     """Differential bounds of model_b - model_a (see diffprobe.differential); box regions only,
     an L2 ball is bounded through its bounding box."""
-    return _engine_or_raise(problem).bounds(lo, hi, **_engine_specs(problem))
+    given = problem.parent_layers
+    if given is not None and (len(given) == 0 or len(given[0][0]) != len(lo)):
+        given = None
+    return _engine_or_raise(problem).bounds(lo, hi, given=given, **_engine_specs(problem))
 
 
 def _engine_specs(problem):

@@ -342,6 +342,7 @@ class BranchAndBound:
         self.pruned_upper = torch.full_like(self.upper[0], -_INF)
         self.pruned_max, self.branches = -_INF, 1
         self.per_split = None  # seconds per split in the last step
+        self.layers = None  # per open box, the engine's pre-activation bounds (see `_layers_after`)
         self.interrupted = False
         self.engine = differential_engine(problem) if "differential" in methods else None
         self.sensitivity = (None if self.engine is None else
@@ -364,6 +365,7 @@ class BranchAndBound:
             keep = ~drop
             self.lo, self.hi, self.lower, self.upper, self.scores = (
                 t[keep] for t in (self.lo, self.hi, self.lower, self.upper, self.scores))
+            self.layers = None if self.layers is None else [tuple(t[keep] for t in layer) for layer in self.layers]
 
     def _split_dims(self, lo, hi):
         """Per box the input dimension to halve: for matching chains the one that widens the
@@ -409,14 +411,37 @@ class BranchAndBound:
         # a child lies inside its parent, so the parent's bounds hold for it too (a relaxation is
         # not monotone in the box: without this a split could loosen the bound)
         parent = (self.lower[order].repeat(2, 1), self.upper[order].repeat(2, 1))
-        lower, upper, scores = bound_boxes(self.problem, self.spec, methods, self.region, new_lo, new_hi,
-                                           within=parent, skipped=self.skipped)
+        self.problem.parent_layers = (None if self.layers is None else
+                                      [tuple(t[order].repeat(2, 1) for t in layer) for layer in self.layers])
+        if self.engine is not None:
+            self.engine.layer_bounds = None
+        try:
+            lower, upper, scores = bound_boxes(self.problem, self.spec, methods, self.region, new_lo, new_hi,
+                                               within=parent, skipped=self.skipped)
+        finally:
+            self.problem.parent_layers = None
         keep = torch.ones(len(self.scores), dtype=torch.bool)
         keep[order] = False
+        self.layers = self._layers_after(keep, len(new_lo))
         self.lo, self.hi = torch.cat([self.lo[keep], new_lo]), torch.cat([self.hi[keep], new_hi])
         self.lower, self.upper = torch.cat([self.lower[keep], lower]), torch.cat([self.upper[keep], upper])
         self.scores = torch.cat([self.scores[keep], scores])
         self.branches += len(new_lo)
+
+    def _layers_after(self, keep, count):
+        """Per open box, the differential engine's pre-activation bounds: the kept boxes' (or none
+        known: infinite) and the `count` new boxes' from the pass that just bounded them; None when
+        that pass did not run. Children start from their parents' bounds: neurons a parent had
+        stable need no refinement in its children (fewer back-substitutions per branch)."""
+        fresh = None if self.engine is None else self.engine.layer_bounds
+        if fresh is None or len(fresh[0][0]) != count:
+            return None
+        if self.layers is None:
+            infinite = lambda t: torch.full((int(keep.sum()), t.shape[1]), math.inf, dtype=t.dtype)
+            kept = [(-infinite(l), infinite(u), -infinite(lp), infinite(up)) for l, u, lp, up in fresh]
+        else:
+            kept = [tuple(t[keep] for t in layer) for layer in self.layers]
+        return [tuple(torch.cat([k, f]) for k, f in zip(old, new)) for old, new in zip(kept, fresh)]
 
     def _batch(self, level):
         """How many sub-regions to split at once: those whose bound is within the top fifth between

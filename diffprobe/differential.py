@@ -259,6 +259,7 @@ class DifferentialBounds:
         self.a, self.b = ChainBounds(layers_a), ChainBounds(layers_b)
         # (W'_k - W_k, b'_k - b_k) per layer, used by every back-substitution
         self.delta = [(lb.weight - la.weight, lb.bias - la.bias) for la, lb in zip(layers_a, layers_b)]
+        self.layer_bounds = None  # set by `bounds`: per hidden layer (l, u, l', u') over its boxes
 
     @property
     def hidden(self):
@@ -302,6 +303,8 @@ class DifferentialBounds:
         lo, hi = lo.reshape(len(lo), -1).double(), hi.reshape(len(hi), -1).double()
         sa = self.a.intermediate(lo, hi, None if given is None else [g[:2] for g in given])
         sb = self.b.intermediate(lo, hi, None if given is None else [g[2:] for g in given])
+        # what holds on these boxes holds on every box inside them: branch-and-bound hands it on
+        self.layer_bounds = [a + b for a, b in zip(sa.bounds, sb.bounds)]
         relax_d = self._differences(lo, hi, sa, sb)
         k, n_out = len(self.delta) - 1, self.delta[-1][0].shape[0]
         spec = torch.eye(n_out, dtype=lo.dtype) if spec is None else spec.to(lo.dtype)
