@@ -15,6 +15,7 @@ from .deployment import deploy
 from .differences import Difference, get_difference, is_probability
 from .errors import DiffprobeError, UnsupportedOperationError
 from .graph import fit_region
+from .layers import Network
 from .regions import Region
 from .results import Certificate, Verdict, provenance
 from .progress import progress_bar
@@ -299,9 +300,21 @@ def unbounded_notes(problem, method, methods, spec):
     return []
 
 
+def logits_of(model):
+    """A chain ending in Softmax over its outputs without that Softmax (an exported classifier,
+    VeryDiff's jet-tagging networks), else the model itself."""
+    if isinstance(model, nn.Sequential) and len(model) > 1 and isinstance(model[-1], nn.Softmax) \
+            and model[-1].dim in (-1, 1, None):
+        layers = list(model)[:-1]
+        return Network(layers, model.input_shape) if isinstance(model, Network) else nn.Sequential(*layers)
+    return model
+
+
 def prepare(model_a, model_b, regions, diff, method, optimise, arithmetic="native", arithmetic_b=None):
     """What bounding needs, shared by `certify` and `drift`: the models as they run, the regions in
     their input shape, their spec, the problem and the methods to run (cheapest first)."""
+    if diff.bounded_as in ("top1", "confident-top1"):  # labels and confidence read the same on logits
+        model_a, model_b = logits_of(model_a), logits_of(model_b)
     deployment = deploy(model_a, model_b, regions, arithmetic, arithmetic_b)
     regions = [fit_region(r, deployment.pair.input_shape) for r in regions]
     spec = spec_for(diff, deployment.pair, torch.stack([r.center for r in regions]))

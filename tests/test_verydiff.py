@@ -82,3 +82,17 @@ def test_top1_and_confident_top1_on_a_pruned_mnist_pair():
     for c in falsified:
         w = torch.tensor(c.witness, dtype=torch.float64)[None]
         assert violations(a.double(), heavier.double(), w, 0.9).all()
+
+
+def test_a_softmax_head_is_set_aside_for_label_properties():
+    """Networks exported with their final Softmax (VeryDiff's jet-tagging MLPs): top-1 and
+    delta-top-1 are certified on the logits, where labels and confidence read the same."""
+    from diffprobe.layers import Network
+    a = mlp([16, 32, 32, 5], 7)
+    b = noisy(a, 0.01, 8)
+    head = lambda m: Network(list(m) + [torch.nn.Softmax(dim=1)], (16,))
+    region = dp.LinfBall(torch.zeros(16, dtype=torch.float64), 0.05)
+    for diff in ("top1", top1_where_confident(0.9)):
+        plain = dp.certify(a, b, region, difference=diff, arithmetic="exact")
+        headed = dp.certify(head(a), head(b), region, difference=diff, arithmetic="exact")
+        assert headed.verdict == plain.verdict and headed.bound == pytest.approx(plain.bound, rel=1e-9)
