@@ -19,9 +19,9 @@ from torch import nn
 
 from .certification import certify
 from .data import as_points
-from .deployment import deploy
 from .errors import DiffprobeError
 from .execution import is_quantized, run_native
+from .graph import common_input_shape
 from .progress import progress_bar
 from .quantized import dequantized
 from .regions import Box, L2Ball, LinfBall, Region, ball
@@ -46,7 +46,8 @@ def localize(model_a: nn.Module, model_b: nn.Module, region_or_data: Union[Regio
                              "of the same architecture (a fine-tuned, pruned, fp16 or int8 copy)")
     inputs, balls = _inputs_and_regions(model_a, model_b, region_or_data, eps, norm, clip, regions, seed)
     sampled = _sampled_errors(model_a, model_b, names, inputs, balls[0])
-    weights = {name: stored_weights(dict(model_b.named_modules())[name]) for name in names}
+    modules_b = dict(model_b.named_modules())
+    weights = {name: stored_weights(modules_b[name]) for name in names}
     notes: List[str] = []
     bound = lambda hybrid: _worst_bound(model_a, hybrid, balls, difference, method, seed, notes)
     layers = []
@@ -57,7 +58,7 @@ def localize(model_a: nn.Module, model_b: nn.Module, region_or_data: Union[Regio
             only = bound(_with_weights(model_a, {name: weights[name]}))
             all_but = bound(_with_weights(model_a, {n: w for n, w in weights.items() if n != name}))
             bar.update(2)
-            layers.append(LayerDrift(name=name, kind=type(dict(model_b.named_modules())[name]).__name__,
+            layers.append(LayerDrift(name=name, kind=type(modules_b[name]).__name__,
                                      **sampled[name], only=only, all_but=all_but))
     ranking = sorted(layers, key=lambda r: (-_finite(r.only), -_finite(r.max_abs)))
     return LayerReport(layers=layers, ranking=[r.name for r in ranking], bound=overall, difference=difference,
@@ -131,7 +132,6 @@ def _inputs_and_regions(model_a, model_b, region_or_data, eps, norm, clip, count
         return inputs, points[:count]
     if eps is None:
         raise DiffprobeError("localize over data points needs eps (the radius of the balls it certifies)")
-    from .graph import common_input_shape
     shape = common_input_shape(model_a, model_b, [tuple(points.shape[1:])])
     points = points.to(torch.float64).reshape(len(points), *shape)
     return points[:SAMPLES], [ball(p, eps, norm, clip) for p in points[:count]]
@@ -143,7 +143,7 @@ def _sampled_errors(model_a, model_b, names, inputs, region):
     compared at its output (the error accumulated up to it) — PyTorch numeric suite's
     `compare_model_stub` and `compare_model_outputs`."""
     seen = {}
-    shape = deploy(model_a, model_b, [region]).pair.input_shape
+    shape = common_input_shape(model_a, model_b, [tuple(region.shape)])
     for which, model in (("a", model_a), ("b", model_b)):
         modules = dict(model.named_modules())
         hooks = [modules[n].register_forward_hook(_recorder(seen, which, n)) for n in names]

@@ -24,9 +24,6 @@ from .results import QueryResult, provenance
 from ._search import search
 from .vnnlib2 import Query, read_query
 
-SEARCH_SHARE = 0.1  # of each box's time, for the search before certification
-
-
 def solve(model_f: nn.Module, model_g: nn.Module, query: Union[Query, str, Path], *,
           timeout: Optional[float] = None, seed: int = 0, arithmetic: str = "native") -> QueryResult:
     """The answer to a two-network query (a `Query`, or a VNN-LIB 2.0 file): `sat` when an input
@@ -61,11 +58,12 @@ def _check_shapes(model_f, model_g, query):
 def _solve_box(model_f, model_g, query, box, seconds, seed, arithmetic):
     """One box: its answer, the certified bound of max |D|, a counterexample when sat."""
     t0 = time.perf_counter()
+    pair = deploy(model_f, model_g, [box], arithmetic).pair  # what a counterexample is checked on
     with warnings.catch_warnings():  # masking notes and the like go into the answer's notes
         warnings.simplefilter("ignore")
         witness = search(model_f, model_g, box, difference=_violation(query), steps=60, restarts=8, seed=seed,
                          threshold=0.0, arithmetic=arithmetic)
-        found = _counterexample(model_f, model_g, query, box, witness.x, arithmetic)
+        found = _counterexample(pair, query, box, witness.x)
         if found is not None:
             return {"answer": "sat", "counterexample": found, "bound": None, "notes": []}
         budget = max(seconds - (time.perf_counter() - t0), 0.5)
@@ -76,7 +74,7 @@ def _solve_box(model_f, model_g, query, box, seconds, seed, arithmetic):
     lower, upper = torch.tensor(cert.lower, dtype=torch.float64), torch.tensor(cert.upper, dtype=torch.float64)
     if query.refuted(lower, upper):
         return {**outcome, "answer": "unsat"}
-    found = _counterexample(model_f, model_g, query, box, cert.witness, arithmetic) if cert.witness else None
+    found = _counterexample(pair, query, box, cert.witness) if cert.witness else None
     if found is not None:
         return {**outcome, "answer": "sat", "counterexample": found}
     return {**outcome, "answer": "unknown"}
@@ -89,11 +87,10 @@ def _violation(query):
                       lambda v: v[:, 0], None)
 
 
-def _counterexample(model_f, model_g, query, box, x, arithmetic):
+def _counterexample(pair, query, box, x):
     """`x` rounded to a float32 input inside `box`, and the models' outputs there, if the models
-    as they run violate the query at it; else None."""
+    as they run (`pair`) violate the query at it; else None."""
     point = _float32_inside(torch.as_tensor(x, dtype=torch.float64).reshape(-1), box)
-    pair = deploy(model_f, model_g, [box], arithmetic).pair
     with torch.no_grad():
         out_f, out_g = pair.outputs(point.reshape(1, *pair.input_shape))
     d = out_g.flatten(1).to(torch.float64) - out_f.flatten(1).to(torch.float64)

@@ -33,7 +33,6 @@ class Spec:
 
     def __init__(self, difference, pair, centers):
         self.kind = self.graph_kind = difference.bounded_as
-        self.difference = difference
 
     def take(self, index):
         """The spec of a subset of the regions."""

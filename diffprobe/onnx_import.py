@@ -314,6 +314,12 @@ def _input_shape(graph, consts):
     return inputs[0].name, dims
 
 
+def graph_input(model):
+    """The name and dims (unknown ones as 1) of an ONNX model's one real input (old exports list
+    their weights as inputs too)."""
+    return _input_shape(model.graph, _constants(model.graph))
+
+
 def onnx_to_torch(model):
     """A module computing the same function as the ONNX `model` (an onnx.ModelProto): a `Network`
     when the graph is a chain, else a torch.fx GraphModule; either has `input_shape`."""

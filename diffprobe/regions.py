@@ -305,7 +305,7 @@ def ball(center: ArrayLike, eps: float, norm: Union[str, float] = "inf",
     raise RegionError(f"unknown norm '{norm}'; use inf or 2")
 
 
-def _text_of(path):
+def vnnlib_text(path):
     """A VNN-LIB file's text; gzipped ones (as VNN-COMP ships them) are read inflated, to the same limit."""
     with open(path, "rb") as handle:
         data = handle.read(MAX_VNNLIB_BYTES + 1)
@@ -349,7 +349,7 @@ def box_from_vnnlib(path: Union[str, Path], inputs: Optional[int] = None) -> Box
         if size > MAX_VNNLIB_BYTES:
             raise RegionError(f"{path} has {size / 2**20:.0f} MB; diffprobe reads VNN-LIB files of at most "
                               f"{MAX_VNNLIB_BYTES >> 20} MB")
-        text = _text_of(path)
+        text = vnnlib_text(path)
     except OSError as exc:
         raise RegionError(f"cannot read VNN-LIB file {path}: {exc.strerror or exc}") from exc
     text = re.sub(r";[^\n]*", "", text)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import RegionError
-from .regions import Box, _text_of
+from .regions import Box, vnnlib_text
 
 _INF = float("inf")
 
@@ -123,6 +123,7 @@ def confirmed_on_files(files, query: Query, counterexample: dict) -> bool:
     reference evaluator (independent of diffprobe's import of them); True for other formats,
     which `solve` checked on the loaded modules."""
     from .loading import onnx_proto, sniff_format
+    from .onnx_import import graph_input
     if not all(sniff_format(f) == "onnx" for f in files):
         return True
     from onnx.reference import ReferenceEvaluator
@@ -130,22 +131,11 @@ def confirmed_on_files(files, query: Query, counterexample: dict) -> bool:
     outputs = []
     for path in files:
         proto = onnx_proto(path)
-        constants = {t.name for t in proto.graph.initializer}  # old exports list weights as inputs too
-        feed = next(i for i in proto.graph.input if i.name not in constants)
-        dims = [d.dim_value or 1 for d in feed.type.tensor_type.shape.dim]
+        name, dims = graph_input(proto)
         x = np.asarray(counterexample["input"], dtype=np.float32).reshape(dims)
-        (y, *_) = ReferenceEvaluator(proto).run(None, {feed.name: x})
+        (y, *_) = ReferenceEvaluator(proto).run(None, {name: x})
         outputs.append(torch.as_tensor(np.asarray(y, dtype=np.float64)).reshape(1, -1))
     return bool(query.violated(outputs[1] - outputs[0])[0])
-
-
-def is_vnnlib2(path: Union[str, Path]) -> bool:
-    """Whether a VNN-LIB file declares version 2 (`(vnnlib-version <2.0>)`)."""
-    try:
-        text = _text_of(path)
-    except (OSError, RegionError):
-        return False
-    return "vnnlib-version" in text[:4096] and "declare-network" in text
 
 
 def read_query(path: Union[str, Path]) -> Query:
@@ -155,7 +145,7 @@ def read_query(path: Union[str, Path]) -> Query:
     except ImportError as exc:
         raise RegionError("reading VNN-LIB 2.0 needs the vnnlib package: pip install 'diffprobe[vnnlib]'") from exc
     try:
-        text = _text_of(path)
+        text = vnnlib_text(path)
     except OSError as exc:
         raise RegionError(f"cannot read VNN-LIB file {path}: {exc.strerror or exc}") from exc
     try:
