@@ -40,8 +40,8 @@ def sniff_format(path):
         if any(n.endswith("archive_format") or "/models/" in n for n in names):
             return "pt2"
         return "torch"
-    if head[:1] == b"\x80":
-        return "torch"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "torch"  # a legacy torch.save pickle: the PROTO opcode and a protocol torch writes
     if head[:2] == b"\x1f\x8b":
         return "onnx"  # gzipped, as VNN-COMP ships its networks
     if len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:

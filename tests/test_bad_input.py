@@ -59,7 +59,7 @@ def files(tmp_path):
     torch.save(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).state_dict(), tmp_path / "wide.pt")
     torch.save(a, tmp_path / "whole.pt")
     (tmp_path / "truncated.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:300])
-    (tmp_path / "random.bin").write_bytes(os.urandom(2048))
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(2048))  # seeded: the same bytes every run
     np.save(tmp_path / "center.npy", np.full((4, 3), 0.5, dtype=np.float32))
     np.save(tmp_path / "data.npy", np.random.default_rng(0).random((5, 3)).astype(np.float32))
     np.save(tmp_path / "labels_short.npy", np.zeros(4, dtype=np.int64))
