@@ -125,7 +125,7 @@ class NoisyPair(nn.Module):
         self.input_shape = tuple(input_shape)
         n = math.prod(input_shape)
         layers = [chain_a.layers(), chain_b.layers()]
-        if None in layers:
+        if None in layers or not all(l.activation is None or l.activation.is_relu for c in layers for l in c):
             raise UnsupportedOperationError(["a chain that does not alternate affine layers and ReLUs"],
                                             what="bounding the deployed arithmetic")
         self.model_a, self.model_b = NoisyChain(layers[0], n), NoisyChain(layers[1], n)
@@ -301,7 +301,8 @@ def differential_engine(problem):
     return problem.differential or None
 
 
-DIFFERENTIAL_KINDS = ("elementwise", "stacked")  # D itself, or spec rows over both models' outputs
+DIFFERENTIAL_KINDS = ("elementwise", "stacked")
+ON_LOWERED_CHAINS = ("differential", "alpha-differential")  # their error terms cover the deployed arithmetic  # D itself, or spec rows over both models' outputs
 
 
 def _engine_or_raise(problem):
@@ -376,7 +377,7 @@ def _per_layer(bounds, chain, lo, hi):
     network runs in; infinite where they do not line up (a node-pruned model's layers are padded
     in the engine, or auto_LiRPA's ReLU order differs from the chain's)."""
     layers = chain.layers
-    if len(bounds) != len(layers) - 1:
+    if len(bounds) != len(layers) - 1 or not all(layer.activation.is_relu for layer in layers[:-1]):
         return _unbounded(layers, len(lo))
     h = ((lo + hi) / 2).reshape(len(lo), -1).double()
     for layer, (l, u) in zip(layers[:-1], bounds):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .arithmetic import outward
-from .bounds import METHODS, build_problem, differential_engine
+from .bounds import ON_LOWERED_CHAINS, METHODS, build_problem, differential_engine
 from .deployment import deploy
 from .differences import Difference, get_difference, is_probability
 from .errors import DiffprobeError, UnsupportedOperationError
@@ -168,9 +168,10 @@ def bound_boxes(problem, spec, methods, region, lo, hi, enough=-_INF, ran=None, 
 
 def _bounds(problem, name, region, lo, hi):
     """One method's bounds, rounded outward, and widened by the models' rounding where the graph is
-    their exact formula (deployed float models that are not chains)."""
+    their exact formula (deployed float models whose lowered chains auto_LiRPA cannot take; the
+    differential methods bound those chains, error terms included, and need no widening)."""
     lower, upper = outward(*METHODS[name](problem, region, lo, hi), problem.scale)
-    if problem.margin is not None:
+    if problem.margin is not None and name not in ON_LOWERED_CHAINS:
         margin = problem.margin.rows(lo, hi, problem.spec)
         lower, upper = lower - margin, upper + margin
     return lower, upper

@@ -5,13 +5,15 @@ up. Here the difference itself is tracked: for layer k, D_k = z'_k - z_k (pre-ac
 E_k = h'_k - h_k (post-activations), with
     D_k = W'_k E_{k-1} + (W'_k - W_k) h_{k-1} + (b'_k - b_k) + n'_k - n_k,   E_0 = 0 (shared input),
 where n_k, n'_k are the error terms of the arithmetic each model runs in (`lowering.Layer.noise`:
-rounding, quantisation; none in exact arithmetic), and E = relu(z + D) - relu(z) is relaxed by
-chords in D (exact when both neurons are stable). A linear form over (h_k, E_k) is
+rounding, quantisation; none in exact arithmetic), and E = sigma(z + D) - sigma(z) is relaxed
+by the activation's own lines in (D, z) (`diffprobe.activations`: for ReLU chords in D, exact when
+both neurons are stable; for smooth ones the mean value theorem). A linear form over (h_k, E_k) is
 back-substituted to the input as in CROWN, an error term M e with |e| <= r costing |lam M| r;
 intermediate bounds of z_k and z'_k come from each network's own CROWN pass (`ChainBounds`), those
 of D_k from the same backward pass started at each layer, intersected with [l'_k - u_k, u'_k - l_k].
-Works on the lowered chains of `diffprobe.lowering`; a layer with fewer neurons in one model (node
-pruning) is padded with zero neurons.
+Works on the lowered chains of `diffprobe.lowering` (residual and concatenating graphs are lowered
+to chains whose skipped values pass through identity neurons); a layer with fewer neurons in one
+model (node pruning) is padded with zero neurons.
 """
 from dataclasses import dataclass
 
@@ -43,12 +45,26 @@ def aligned(layers_a, layers_b):
             return None
         small, big = (lb, la) if len(la.weight) > len(lb.weight) else (la, lb)
         if len(small.weight) == len(big.weight):
+            if not same_activation(la.activation, lb.activation):
+                return None
             continue
+        if not (la.activation is not None and la.activation.spread() and same_activation(la.activation, lb.activation)):
+            return None  # only a uniform activation can be padded
         rows = _matched_rows(_rows_of(big), _rows_of(small))
         small.spread_rows(rows, len(big.weight))
         following = (layers_b if small is lb else layers_a)[k + 1]
         following.spread_columns(rows, len(big.weight))
     return layers_a, layers_b
+
+
+def same_activation(x, y):
+    """Whether two layers end in the same nonlinearity, neuron by neuron."""
+    if x is None or y is None:
+        return x is y
+    if len(x.parts) != len(y.parts):
+        return False
+    return all(a.name == b.name and (m is None and n is None or m is not None and n is not None and torch.equal(m, n))
+               for (a, m), (b, n) in zip(x.parts, y.parts))
 
 
 def _rows_of(layer):
@@ -65,60 +81,15 @@ def matching_layers(chain_a, chain_b):
     return aligned(a, b)
 
 
-def _relu_lines(l, u):
-    """CROWN lines of relu(z), z in [l, u] ([B, n] each): lower slope, upper slope, upper intercept."""
-    active, inactive = l >= 0, u <= 0
-    unstable = ~(active | inactive)
-    upper = torch.where(unstable, u / (u - l).clamp_min(1e-300), active.to(l.dtype))
-    intercept = torch.where(unstable, -upper * l, torch.zeros_like(l))
-    lower = torch.where(unstable, (u > -l).to(l.dtype), active.to(l.dtype))
-    return lower, upper, intercept
-
-
-def _diff_lines(l, u, lp, up, dl, du):
-    """Lines E >= lo_p D + lo_q z + lo_r and E <= up_p D + up_q z + up_r for
-    E = relu(z + D) - relu(z): chords of min(D, 0) <= E <= max(D, 0), exact when both neurons
-    are stable."""
-    zero, one = torch.zeros_like(l), torch.ones_like(l)
-    width = (du - dl).clamp_min(1e-300)
-    crossing = (dl < 0) & (du > 0)
-    lo_p = torch.where(du <= 0, one, torch.where(dl >= 0, zero, -dl / width))
-    up_p = torch.where(du <= 0, zero, torch.where(dl >= 0, one, du / width))
-    lo_r = torch.where(crossing, dl * du / width, zero)
-    up_r = torch.where(crossing, -du * dl / width, zero)
-    lo_q, up_q = zero.clone(), zero.clone()
-    exact = [((l >= 0) & (lp >= 0), 1.0, 0.0),  # both active: E = D
-             ((u <= 0) & (up <= 0), 0.0, 0.0),  # both inactive: E = 0
-             ((l >= 0) & (up <= 0), 0.0, -1.0),  # a active, b inactive: E = -z
-             ((u <= 0) & (lp >= 0), 1.0, 1.0)]  # a inactive, b active: E = z + D
-    for mask, p, q in exact:
-        lo_p, up_p = torch.where(mask, p, lo_p), torch.where(mask, p, up_p)
-        lo_q, up_q = torch.where(mask, q, lo_q), torch.where(mask, q, up_q)
-        lo_r, up_r = torch.where(mask, 0.0, lo_r), torch.where(mask, 0.0, up_r)
-    chord_gap = torch.where(crossing, -2 * dl * du / width, torch.maximum(dl.abs(), du.abs()))
-    for k in range(len(exact)):
-        chord_gap = torch.where(exact[k][0], zero, chord_gap)
-    return _prefer_independent(chord_gap, (lo_p, up_p, lo_q, up_q, lo_r, up_r), l, u, lp, up)
-
-
-def _triangle_gap(l, u):
-    return torch.where((l < 0) & (u > 0), -l * u / (u - l).clamp_min(1e-300), torch.zeros_like(l))
-
-
-def _prefer_independent(chord_gap, chord, l, u, lp, up):
-    """Per neuron, the independent relaxation E = relu(z') - relu(z) with z' = z + D where its
-    gap is smaller than the chords' (models that genuinely differ):
-    E >= a' (z + D) - (s z + t)  and  E <= s' (z + D) + t' - a z."""
-    a, s, t = _relu_lines(l, u)
-    ap, sp, tp = _relu_lines(lp, up)
-    independent = (ap, sp, ap - s, sp - a, -t, tp)
-    use = _triangle_gap(l, u) + _triangle_gap(lp, up) < chord_gap
-    return tuple(torch.where(use, i, c) for i, c in zip(independent, chord))
-
-
 def _pick(lam, if_pos, if_neg):
     """lam * line, the line chosen per entry by the sign of lam (lower bound of lam * value)."""
     return lam * torch.where(lam >= 0, if_pos.unsqueeze(1), if_neg.unsqueeze(1))  # one product: 25 % faster
+
+
+def _through(lam, const, lines):
+    """lam . sigma(z) >= lam' . z + const': through an activation by its lines (lo_s, lo_c, up_s, up_c)."""
+    lo_s, lo_c, up_s, up_c = lines
+    return _pick(lam, lo_s, up_s), const + _dot(lam.clamp_min(0), lo_c) + _dot(lam.clamp_max(0), up_c)
 
 
 def _dot(lam, vec):
@@ -196,9 +167,7 @@ class ChainBounds:
             lam = lam @ layer.weight
             if j == 0:
                 return _concretize_lower(lam, const, lo, hi)
-            lower, upper, intercept = state.relax[j - 1]
-            const = const + _dot(lam.clamp_max(0), intercept)
-            lam = _pick(lam, lower, upper)
+            lam, const = _through(lam, const, state.relax[j - 1])
 
     def intermediate(self, lo, hi, given=None):
         """Bounds, lines and error terms of every layer over boxes [B, n]. Bounds start as intervals
@@ -215,7 +184,10 @@ class ChainBounds:
             if given is not None and not last:
                 l, u = _intersect((l, u), given[k])
             if k > 0:
-                rows = torch.ones_like(l, dtype=torch.bool) if last and layer.noisy else _unstable(l, u)
+                # the output layer only when noisy (its errors are sized by these bounds), else
+                # the neurons whose activation is not linear on [l, u]
+                rows = (torch.full_like(l, layer.noisy, dtype=torch.bool) if last
+                        else ~layer.activation.exact(l, u))
                 l, u = _refined(lambda s, i: self.lower(s, k, lo[i], hi[i], state.take(i)), rows, l, u)
             if layer.noisy and k > 0:
                 # errors sized by the refined bounds (smaller ulps, less clamping) replace the first ones
@@ -223,8 +195,8 @@ class ChainBounds:
             if last:
                 return state
             state.bounds.append((l, u))
-            state.relax.append(_relu_lines(l, u))
-            h = (l.clamp_min(0), u.clamp_min(0))
+            state.relax.append(layer.activation.lines(l, u))
+            h = layer.activation.interval(l, u)
 
     @torch.no_grad()
     def rounding_spread(self, lo, hi):
@@ -285,11 +257,10 @@ class DifferentialBounds:
             lam_e = lam_d @ lb.weight
             if j == 0:
                 return _concretize_lower(lam_h, const, lo, hi)
-            lower, upper, intercept = sa.relax[j - 1]
             lo_p, up_p, lo_q, up_q, lo_r, up_r = relax_d[j - 1]
-            const = (const + _dot(lam_h.clamp_max(0), intercept)
-                     + _dot(lam_e.clamp_min(0), lo_r) + _dot(lam_e.clamp_max(0), up_r))
-            lam_z = _pick(lam_h, lower, upper) + _pick(lam_e, lo_q, up_q)
+            lam_z, const = _through(lam_h, const, sa.relax[j - 1])
+            const = const + _dot(lam_e.clamp_min(0), lo_r) + _dot(lam_e.clamp_max(0), up_r)
+            lam_z = lam_z + _pick(lam_e, lo_q, up_q)
             lam_d = _pick(lam_e, lo_p, up_p)
 
     @torch.no_grad()
@@ -323,6 +294,7 @@ class DifferentialBounds:
         e = (torch.zeros_like(lo), torch.zeros_like(lo))
         for k in range(len(self.delta) - 1):
             lb, (dw, db) = self.b.layers[k], self.delta[k]
+            act = self.a.layers[k].activation
             (l, u), (lp, up) = sa.bounds[k], sb.bounds[k]
             dl, du = _sum(_affine_interval(lb.weight, torch.zeros_like(lb.bias), *e), _affine_interval(dw, db, *h_a))
             pad = noise_radius(sa.noise[k], dl) + noise_radius(sb.noise[k], dl)
@@ -330,12 +302,11 @@ class DifferentialBounds:
             if k > 0:
                 dl, du = _refined(lambda s, i: self.lower(s, k, lo[i], hi[i], sa.take(i), sb.take(i),
                                                           [tuple(t[i] for t in r) for r in relax_d]),
-                                  ~_exact_pattern(l, u, lp, up), dl, du)
+                                  ~act.exact_difference(l, u, lp, up), dl, du)
             dl, du = torch.maximum(dl, lp - u), torch.minimum(du, up - l)
-            relax_d.append(_diff_lines(l, u, lp, up, dl, du))
-            h_a, h_b = (l.clamp_min(0), u.clamp_min(0)), (lp.clamp_min(0), up.clamp_min(0))
-            # E = relu(z') - relu(z) lies between min(D, 0) and max(D, 0) and in h'_k - h_k
-            e = (torch.maximum(dl.clamp_max(0), h_b[0] - h_a[1]), torch.minimum(du.clamp_min(0), h_b[1] - h_a[0]))
+            relax_d.append(act.differences(l, u, lp, up, dl, du))
+            h_a = act.interval(l, u)
+            e = act.difference_interval(l, u, lp, up, dl, du)
         return relax_d
 
 
@@ -353,12 +324,3 @@ def _affine_interval(w, b, lower, upper):
 
 def _sum(x, y):
     return x[0] + y[0], x[1] + y[1]
-
-
-def _unstable(l, u):
-    return (l < 0) & (u > 0)
-
-
-def _exact_pattern(l, u, lp, up):
-    """Neuron pairs whose ReLU difference is linear in (z, D) without knowing D's bounds."""
-    return ~(_unstable(l, u) | _unstable(lp, up))

@@ -22,7 +22,8 @@ from typing import Callable, Dict, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from .arithmetic import FORMATS, dot_error, format_of
+from .activations import IDENTITY, RELU, Activation, Nonlinearity, of_function, of_module
+from .arithmetic import FORMATS, accumulator_of, dot_error, format_of
 from .execution import input_dtype, run_native
 from .layers import Elementwise, Network, Reshape
 
@@ -62,9 +63,6 @@ class Stage:
     @property
     def noisy(self):
         return self.input_error is not None or self.output_error is not None
-
-
-RELU = "relu"
 
 
 @dataclass
@@ -217,9 +215,44 @@ def _rearrange(module, ctx):
     return [Stage(ctx.name, w, b, shape)]  # moves values, computes nothing: no error
 
 
-@register_stage(nn.ReLU)
-def _relu(module, ctx):
-    return [RELU]  # exact in every format and on every quantisation grid
+def _activation(activation, ctx):
+    """An activation step and, in a float format narrower than float64, the error of computing it
+    there (ReLU is exact in every format and on every quantisation grid)."""
+    steps = [Nonlinearity.of(activation)]
+    if activation.name != "relu" and not ctx.exact:
+        fmt = FORMATS.get(ctx.dtype)
+        if fmt is None or ctx.scale is not None:
+            raise Declined(f"{ctx.name} ({activation.name}) runs on quantised values, which diffprobe does not model")
+        if fmt.bits < 53:
+            steps.append(Stage(ctx.name + " (rounding)", None, None, ctx.shape, input_error=function_error(fmt)))
+    return steps
+
+
+def function_error(fmt):
+    """`Stage.input_error` of an elementwise function's result in `fmt`: accurate to ULPS units in
+    the last place of the accumulator format before its final rounding, as PyTorch's CPU and CUDA
+    kernels are (1-4 ulp in their tests)."""
+    acc = accumulator_of(fmt)
+
+    def error(lo, hi):
+        magnitude = torch.maximum(lo.abs(), hi.abs())
+        inner = 2 * ULPS * acc.unit_roundoff * magnitude + acc.smallest_subnormal
+        return inner + fmt.rounding_error(magnitude + inner)
+    return error
+
+
+ULPS = 8
+
+
+def _activation_stage(module, ctx):
+    activation = of_module(module)
+    if activation is None:
+        raise Declined(f"{ctx.name} ({type(module).__name__}) has parameters diffprobe does not relax")
+    return _activation(activation, ctx)
+
+
+for _type in (nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.LeakyReLU, nn.ELU):
+    register_stage(_type)(_activation_stage)
 
 
 # --- finding the chain -----------------------------------------------------------------------------
@@ -247,7 +280,6 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 _RESHAPES = {"view", "reshape", "flatten", "contiguous"}
-_RELUS = {torch.relu, nn.functional.relu, torch.nn.functional.relu}
 
 
 def _fx_chain(model):
@@ -290,10 +322,9 @@ def _is_shape_query(node):
 def _step(node, modules):
     if node.op == "call_module":
         return node.target, modules[node.target]
-    if node.op == "call_function" and node.target in _RELUS:
-        return node.name, nn.ReLU()
-    if node.op == "call_method" and node.target == "relu":
-        return node.name, nn.ReLU()
+    activation = of_function(node.target, node.args, node.kwargs) if node.op in ("call_function", "call_method") else None
+    if activation is not None:
+        return node.name, activation
     if (node.op == "call_method" and node.target in _RESHAPES) or (
             node.op == "call_function" and node.target in (torch.flatten, torch.reshape)):
         return node.name, "reshape"
@@ -314,24 +345,22 @@ class Chain:
 
     @property
     def noisy(self):
-        return any(s is not RELU and s.noisy for s in self.steps)
+        return any(isinstance(s, Stage) and s.noisy for s in self.steps)
 
     def layers(self):
-        """The steps grouped between ReLUs, as `Layer`s (ReLU after every one but the last)."""
-        groups, current = [], []
+        """The steps grouped between nonlinearities, as `Layer`s (each but the last followed by its
+        `activation`); two nonlinearities in a row get an identity layer between them."""
+        groups, current, shape = [], [], tuple(self.input_shape)
         for s in self.steps:
-            if s is RELU:
-                if not current:
-                    return None  # two ReLUs in a row, or a leading ReLU: not a chain the engine takes
-                groups.append(current)
+            if isinstance(s, Nonlinearity):
+                groups.append((current or [Stage("identity", None, None, shape)], s))
                 current = []
             else:
                 current.append(s)
-        if not current:
-            return None
-        groups.append(current)
+                shape = s.shape
+        groups.append((current or [Stage("identity", None, None, shape)], None))
         try:
-            return [Layer(g) for g in groups]
+            return [Layer(g, activation) for g, activation in groups]
         except Declined:
             return None
 
@@ -340,8 +369,8 @@ class Chain:
         the error terms): loose on wide boxes, tight on points; what `check` compares against."""
         lo, hi = lo.reshape(len(lo), -1).double(), hi.reshape(len(hi), -1).double()
         for s in self.steps:
-            if s is RELU:
-                lo, hi = lo.clamp_min(0), hi.clamp_min(0)
+            if isinstance(s, Nonlinearity):
+                lo, hi = s.interval(lo, hi)
                 continue
             if s.input_error is not None:
                 r = s.input_error(lo, hi)
@@ -381,17 +410,19 @@ class _ExactChain(nn.Module):
     def __init__(self, chain):
         super().__init__()
         self.input_shape = tuple(chain.input_shape)
-        self.steps = [s if s is RELU else (s.weight is not None, s.bias is not None) for s in chain.steps]
-        self.weights = nn.ParameterList([nn.Parameter(s.weight, requires_grad=False) for s in chain.steps
-                                         if s is not RELU and s.weight is not None])
-        self.biases = nn.ParameterList([nn.Parameter(s.bias, requires_grad=False) for s in chain.steps
-                                        if s is not RELU and s.bias is not None])
+        stages = [s for s in chain.steps if isinstance(s, Stage)]
+        self.steps = [s if isinstance(s, Nonlinearity) else (s.weight is not None, s.bias is not None)
+                      for s in chain.steps]
+        self.weights = nn.ParameterList([nn.Parameter(s.weight, requires_grad=False) for s in stages
+                                         if s.weight is not None])
+        self.biases = nn.ParameterList([nn.Parameter(s.bias, requires_grad=False) for s in stages
+                                        if s.bias is not None])
 
     def forward(self, x):
         h, w, b = x.reshape(x.shape[0], -1), iter(self.weights), iter(self.biases)
         for s in self.steps:
-            if s is RELU:
-                h = torch.relu(h)
+            if isinstance(s, Nonlinearity):
+                h = s(h)
             elif s[0]:
                 h = nn.functional.linear(h, next(w), next(b) if s[1] else None)
             elif s[1]:
@@ -412,6 +443,9 @@ def lower(model, input_shape, exact=False):
         ctx.name = name
         if module == "reshape":
             steps.append(_reshape_step(shapes[name], name, ctx))
+            continue
+        if isinstance(module, Activation):
+            steps += _activation(module, ctx)
             continue
         _check_plain(name, module)
         builder = STAGES.get(type(module))
@@ -460,12 +494,13 @@ def _check_no_global_hooks():
 
 
 class Layer:
-    """The stages between two ReLUs composed: z = W h + b + sum_t M_t e_t with |e_t| <= r_t.
+    """The stages between two nonlinearities composed: z = W h + b + sum_t M_t e_t with
+    |e_t| <= r_t, followed by `activation` (a `Nonlinearity`; None for the output layer).
     `noise(lo, hi)` gives the terms (M_t, r_t [B, m_t]) for computed inputs h within the boxes
     [lo, hi] (M None: the identity on z); an exact layer has none."""
 
-    def __init__(self, stages):
-        self.stages = stages
+    def __init__(self, stages, activation=None):
+        self.stages, self.activation = stages, activation
         self.weight, self.bias = None, None
         for s in stages:
             if s.weight is not None:

@@ -303,6 +303,8 @@ MODULE_RULES = {
     nn.Sigmoid: lambda m, x, ctx: _monotone(torch.sigmoid, 0.25)(x, ctx),
     nn.Tanh: lambda m, x, ctx: _monotone(torch.tanh, 1.0)(x, ctx),
     nn.LeakyReLU: lambda m, x, ctx: _leaky(m.negative_slope)(x, ctx),
+    nn.ELU: lambda m, x, ctx: _monotone(lambda t: nn.functional.elu(t, m.alpha), max(1.0, m.alpha))(x, ctx),
+    nn.Softplus: lambda m, x, ctx: _monotone(lambda t: nn.functional.softplus(t, m.beta, m.threshold), 1.0)(x, ctx),
     nn.Softmax: lambda m, x, ctx: _softmax(m.dim)(x, ctx),
     nn.MaxPool1d: _pool("max"), nn.MaxPool2d: _pool("max"),
     nn.AvgPool1d: _pool("avg"), nn.AvgPool2d: _pool("avg"),

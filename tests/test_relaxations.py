@@ -2,7 +2,7 @@
 hand (in the style of jax_verify's linear_relaxations_test): each line must be the stated one."""
 import torch
 
-from diffprobe.differential import _diff_lines, _relu_lines
+from diffprobe.activations import RELU_FN
 
 
 def t(*values):
@@ -10,7 +10,8 @@ def t(*values):
 
 
 def test_relu_lines_of_unstable_and_stable_neurons():
-    lower, upper, intercept = _relu_lines(t(-1.0, 1.0, -3.0, -2.0), t(3.0, 2.0, -1.0, 1.0))
+    lower, lower_c, upper, intercept = RELU_FN.lines(t(-1.0, 1.0, -3.0, -2.0), t(3.0, 2.0, -1.0, 1.0))
+    assert (lower_c == 0).all()
     # [-1, 3]: the chord 3/4 (z + 1); u > -l, so the lower line is z itself
     assert lower[0, 0] == 1 and upper[0, 0] == 0.75 and intercept[0, 0] == 0.75
     # active [1, 2]: relu(z) = z; inactive [-3, -1]: 0
@@ -21,7 +22,7 @@ def test_relu_lines_of_unstable_and_stable_neurons():
 
 
 def _lines(l, u, lp, up, dl, du):
-    lo_p, up_p, lo_q, up_q, lo_r, up_r = (x[0, 0].item() for x in _diff_lines(t(l), t(u), t(lp), t(up), t(dl), t(du)))
+    lo_p, up_p, lo_q, up_q, lo_r, up_r = (x[0, 0].item() for x in RELU_FN.differences(t(l), t(u), t(lp), t(up), t(dl), t(du)))
     return (lo_p, lo_q, lo_r), (up_p, up_q, up_r)  # E >= lo_p D + lo_q z + lo_r, E <= up_p D + up_q z + up_r
 
 
