@@ -34,6 +34,10 @@ class Declined(Exception):
     """The model cannot be lowered; the message names the module and why."""
 
 
+class NotAChain(Declined):
+    """The model's graph branches or joins: `diffprobe.dag` lowers it."""
+
+
 @dataclass
 class Stage:
     """y = W x + b on one flattened sample (W None: the identity), and how far the deployed
@@ -297,7 +301,7 @@ def _fx_chain(model):
             current = node
         elif node.op == "output":
             if node.args[0] is not current:
-                raise Declined(f"{type(model).__name__}'s output is not the end of a chain")
+                raise NotAChain(f"{type(model).__name__}'s output is not the end of a chain")
         elif _is_shape_query(node):
             continue
         elif node.op == "get_attr":
@@ -305,7 +309,7 @@ def _fx_chain(model):
         else:
             inputs = [a for a in node.all_input_nodes if not _is_shape_query(a) and a.op != "get_attr"]
             if inputs != [current]:
-                raise Declined(f"{type(model).__name__} is not a chain at '{node.name}' (a branch or a "
+                raise NotAChain(f"{type(model).__name__} is not a chain at '{node.name}' (a branch or a "
                                "join: residual, concatenation or attention)")
             steps.append(_step(node, modules))
             current = node
@@ -437,7 +441,11 @@ def lower(model, input_shape, exact=False):
     _check_no_global_hooks()
     dtype = torch.float64
     ctx = Context(tuple(input_shape), dtype, exact=exact)
-    steps, order = [], modules_in_order(model)
+    try:
+        steps, order = [], modules_in_order(model)
+    except NotAChain:
+        from .dag import lower_graph
+        return _reproducing(lower_graph(model, input_shape, exact), model)
     shapes = _node_shapes(model, input_shape) if any(isinstance(m, str) for _, m in order) else {}
     for name, module in order:
         ctx.name = name
@@ -454,6 +462,22 @@ def lower(model, input_shape, exact=False):
                            "diffprobe lowers")
         steps += builder(module, ctx)
     return Chain(steps, tuple(input_shape), ctx.batch_independent, ctx.notes)
+
+
+def _reproducing(chain, model):
+    """`chain` if its exact function matches `model` run in float64 on random inputs (a graph
+    lowered node by node could misread an operation on the batch dimension), else Declined."""
+    from .execution import is_quantized
+    if is_quantized(model):
+        return chain  # no float64 copy to compare with; `Chain.check` compares the deployed outputs
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *chain.input_shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x).reshape(3, -1)
+        got = chain.module()(x)
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-7, atol=1e-9):
+        raise Declined(f"{type(model).__name__}'s graph, lowered node by node, does not reproduce its outputs")
+    return chain
 
 
 def _reshape_step(shape, name, ctx):

@@ -352,12 +352,14 @@ class _Interpreter(torch.fx.Interpreter):
         return rule(module, args[0], self.ctx)
 
     def call_function(self, target, args, kwargs):
-        if not any(isinstance(a, Interval) for a in list(args) + list(kwargs.values())):
-            return super().call_function(target, args, kwargs)  # shape arithmetic, constants
+        found = []
+        torch.fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, Interval) else None)
+        if not found:  # shape arithmetic, constants (a list of intervals, torch.cat's, counts)
+            return super().call_function(target, args, kwargs)
         if target in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.unsqueeze,
                       torch.squeeze, operator.getitem):
             return args[0].map(lambda t: target(t, *args[1:], **kwargs))
-        if target is torch.cat:
+        if target in (torch.cat, torch.concat):
             parts = args[0]
             return Interval(*(torch.cat([getattr(p, f) for p in parts], *args[1:], **kwargs)
                               for f in ("lo", "hi", "err")))
