@@ -347,6 +347,9 @@ def alpha_differential(problem, region, lo, hi):
     as good as the two networks' own pre-activation bounds (ACAS Xu boxes: up to 25x tighter, for
     about one alpha-CROWN pass of the composed graph)."""
     engine = _engine_or_raise(problem)
+    if not all(layer.activation.is_relu for chain in (engine.a, engine.b) for layer in chain.layers[:-1]):
+        # alpha-CROWN's ReLU bounds line up with the engine's layers only in a ReLU chain
+        return engine.bounds(lo, hi, **_engine_specs(problem))
     layers = [_per_layer(_relu_input_bounds(problem, m, lo, hi), chain, lo, hi)
               for m, chain in zip(_singles(problem), (engine.a, engine.b))]
     return engine.bounds(lo, hi, given=[a + b for a, b in zip(*layers)], **_engine_specs(problem))
@@ -377,7 +380,7 @@ def _per_layer(bounds, chain, lo, hi):
     network runs in; infinite where they do not line up (a node-pruned model's layers are padded
     in the engine, or auto_LiRPA's ReLU order differs from the chain's)."""
     layers = chain.layers
-    if len(bounds) != len(layers) - 1 or not all(layer.activation.is_relu for layer in layers[:-1]):
+    if len(bounds) != len(layers) - 1:
         return _unbounded(layers, len(lo))
     h = ((lo + hi) / 2).reshape(len(lo), -1).double()
     for layer, (l, u) in zip(layers[:-1], bounds):

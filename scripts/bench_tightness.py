@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 import diffprobe as dp
-from diffprobe.bounds import METHODS, build_problem, differential_engine
+from diffprobe.bounds import build_problem, differential_engine
+from diffprobe.certification import _bounds as bounds_of  # one method's bounds, widened by rounding margins
+from diffprobe.errors import UnsupportedOperationError
 from diffprobe.deployment import deploy
 from diffprobe.graph import fit_region
 from diffprobe.layers import Network
@@ -45,9 +47,10 @@ def _seconds(method, *args):
     return time.perf_counter() - t0
 
 
-def measure(a, b, region, methods):
-    # exact arithmetic on the stored weights: the semantics of the published reference values
-    deployment = deploy(a, b, [region], "exact")
+def measure(a, b, region, methods, arithmetic="exact"):
+    # exact arithmetic on the stored weights (the semantics of the published reference values),
+    # or "native": each model as it runs (composed methods widened by its rounding margin)
+    deployment = deploy(a, b, [region], arithmetic)
     pair = deployment.pair
     region = fit_region(region, pair.input_shape)
     problem = build_problem(deployment, "elementwise")
@@ -56,17 +59,22 @@ def measure(a, b, region, methods):
     out = {}
     for m in methods:
         t0 = time.perf_counter()
-        lower, upper = METHODS[m](problem, region, lo, hi)
+        try:
+            lower, upper = bounds_of(problem, m, region, lo, hi)
+        except UnsupportedOperationError as exc:
+            print(f"  {m}: {exc}", file=sys.stderr)
+            out[m] = (float("inf"), float("nan"))
+            continue
         seconds = time.perf_counter() - t0
         if m in ("crown", "differential"):  # compared: the median of 5 calls after this first one
-            seconds = statistics.median(_seconds(METHODS[m], problem, region, lo, hi) for _ in range(5))
+            seconds = statistics.median(_seconds(bounds_of, problem, m, region, lo, hi) for _ in range(5))
         print(f"  {m}: {seconds:.3f}s", file=sys.stderr, flush=True)
         out[m] = (torch.maximum(-lower, upper).max().item(), seconds)
     x = region.sample(20000, torch.Generator().manual_seed(0))
     with torch.no_grad():
         a_out, b_out = pair.outputs(x)
     sampled = (b_out - a_out).abs().max().item()
-    found = dp.search(a, b, region, steps=100, restarts=8, arithmetic="exact").found
+    found = dp.search(a, b, region, steps=100, restarts=8, arithmetic=arithmetic).found
     for m, (bound, _) in out.items():
         assert bound >= max(sampled, found) - 1e-12, f"unsound {m}: {bound} < {max(sampled, found)}"
     out["sampled"] = max(sampled, found)
@@ -104,6 +112,34 @@ def cases(quick):
     for eps in (0.01, 0.05):
         yield (f"random CNN (conv-BN-ReLU-conv-ReLU-avgpool-linear) vs fp16, L-inf {eps}", cnn,
                copy_with(cnn, lambda p: p.half().float()), [dp.LinfBall(image0, eps, (0, 1))])
+    yield from digits_cases(quick)
+
+
+def int8_weights(p):
+    """Weights rounded to a symmetric per-output-channel int8 grid (biases kept)."""
+    if p.dim() < 2:
+        return p
+    scale = p.abs().flatten(1).amax(1).clamp_min(1e-12).reshape(-1, *[1] * (p.dim() - 1)) / 127
+    return (p / scale).round().clamp(-127, 127) * scale
+
+
+def digits_cases(quick):
+    """A residual CNN and a GELU MLP trained on the digits in seconds, vs their fp16 and int8 weight
+    copies (exact arithmetic) and vs model.half() as it runs (native)."""
+    from diffprobe_examples.demo import digits_data
+    from diffprobe_examples.zoo import _trained, residual_cnn
+    torch.manual_seed(0)
+    images = digits_data(0)[2][:2 if quick else 5]
+    resnet = _trained(residual_cnn()).eval()
+    gelu = _trained(Network([torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.GELU(),
+                             torch.nn.Linear(32, 10)], (64,))).eval()
+    for name, model in (("residual CNN (conv-BN-ReLU, basic block, avgpool)", resnet), ("GELU MLP 64-32-32-10", gelu)):
+        regions = [dp.LinfBall(x.reshape(model.input_shape).double(), 0.01, (0, 1)) for x in images]
+        suffix = f"digits, L-inf 0.01 (median of {len(regions)} images)"
+        yield f"{name} vs fp16 weights, {suffix}", model, copy_with(model, lambda p: p.half().float()), regions
+        yield f"{name} vs int8 weights, {suffix}", model, copy_with(model, int8_weights), regions
+        yield (f"{name} vs model.half() as it runs, {suffix}", model, copy.deepcopy(model).half(), regions,
+               "native")
 
 
 def random_cnn():
@@ -118,24 +154,33 @@ def random_cnn():
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer ACAS centres")
+    parser.add_argument("--quick", action="store_true", help="fewer ACAS centres and digits images")
+    parser.add_argument("--match", default="", help="only the rows whose name contains this")
+    parser.add_argument("--docs", metavar="SECTION", help="also write the table into this marked section of "
+                        "docs/benchmarks.md (e.g. bench_tightness_digits with --match digits)")
     args = parser.parse_args()
     if not NETS.exists():
         sys.exit(f"shared networks not found at {NETS}")
     methods = ["crown", "alpha-crown", "differential", "alpha-differential"]
-    print("| pair / region | sampled/found max | composed CROWN | composed alpha-CROWN | differential "
-          "| alpha-differential | alpha-CROWN / best differential | time differential / CROWN "
-          "| time alpha-differential / alpha-CROWN |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, a, b, regions in cases(args.quick):
-        runs = [measure(a, b, r, methods) for r in regions]
+    lines = ["| pair / region | sampled/found max | composed CROWN | composed alpha-CROWN | differential "
+             "| alpha-differential | alpha-CROWN / best differential | time differential / CROWN "
+             "| time alpha-differential / alpha-CROWN |", "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines))
+    for name, a, b, regions, *arithmetic in cases(args.quick):
+        if args.match not in name:
+            continue
+        runs = [measure(a, b, r, methods, *arithmetic) for r in regions]
         med = lambda key, i=0: statistics.median(run[key][i] if i is not None else run[key] for run in runs)
         sampled = statistics.median(run["sampled"] for run in runs)
         crown, alpha, diff, alpha_diff = (med(m) for m in methods)
         t_ratio = med("differential", 1) / med("crown", 1)
         t_alpha = med("alpha-differential", 1) / med("alpha-crown", 1)
-        print(f"| {name} | {sampled:.3g} | {crown:.3g} | {alpha:.3g} | {diff:.3g} | {alpha_diff:.3g} "
-              f"| {alpha / min(diff, alpha_diff):.3g}x | {t_ratio:.2f} | {t_alpha:.2f} |", flush=True)
+        lines.append(f"| {name} | {sampled:.3g} | {crown:.3g} | {alpha:.3g} | {diff:.3g} | {alpha_diff:.3g} "
+                     f"| {alpha / min(diff, alpha_diff):.3g}x | {t_ratio:.2f} | {t_alpha:.2f} |")
+        print(lines[-1], flush=True)
+    if args.docs:
+        from docs_section import update_section
+        update_section("docs/benchmarks.md", args.docs, "\n".join(lines))
 
 
 if __name__ == "__main__":
