@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .certification import BranchAndBound, bound_boxes, prepare, unbounded_notes, verdict_of
-from .deployment import deploy
+from .deployment import deploy, resolve_device
 from .data import as_points
 from .differences import get_difference
 from .errors import DataError, RegionError
@@ -60,7 +60,8 @@ class Job:
     indices: list
     settings: DriftSettings
     threads: int = 0
-    done: frozenset = frozenset()  # indices already finished: bounded with the chunk, not run again
+    done: frozenset = frozenset()
+    device: Optional[str] = None  # where the search evaluates the models (not a setting: results match)  # indices already finished: bounded with the chunk, not run again
 
 
 def drift(model_a: nn.Module, model_b: nn.Module, data: Union[str, Path, torch.Tensor, List[Region]], *,
@@ -70,7 +71,8 @@ def drift(model_a: nn.Module, model_b: nn.Module, data: Union[str, Path, torch.T
           clip: Optional[Tuple[float, float]] = None, executor: Optional[concurrent.futures.Executor] = None,
           chunk_size: int = 64, threads_per_job: int = 0, search_steps: int = 50, search_restarts: int = 8,
           seed: int = 0, checkpoint: Union[None, str, Path] = None, resume: bool = False,
-          arithmetic: str = "native", arithmetic_b: Optional[str] = None, progress: bool = False) -> DriftReport:
+          arithmetic: str = "native", arithmetic_b: Optional[str] = None, device: Optional[str] = None,
+          progress: bool = False) -> DriftReport:
     """Certify, around every data point, that model_b's outputs stay within `threshold` of model_a's.
 
     `data`: a tensor/array of points [n, *input shape], a data file or folder (see
@@ -82,9 +84,11 @@ def drift(model_a: nn.Module, model_b: nn.Module, data: Union[str, Path, torch.T
     `threads_per_job` torch threads when given (so parallel jobs do not oversubscribe cores). `checkpoint`: a JSON
     Lines file that receives each finished point; `resume=True` skips the points already in it.
     `arithmetic` / `arithmetic_b`: what the bounds cover (see `diffprobe.deployment`; default: the
-    models as they run). Returns a `DriftReport`.
+    models as they run). `device`: where the search evaluates the models ('cpu', 'cuda', 'auto').
+    Returns a `DriftReport`.
     """
     t0 = time.perf_counter()
+    resolve_device(device)  # a device that is not there fails here, not in every job
     diff = get_difference(difference)
     if top1 and diff.bounded_as not in ("top1", "confident-top1"):  # delta-top-1 is top-1 agreement too
         diff = get_difference("top1")
@@ -102,7 +106,7 @@ def drift(model_a: nn.Module, model_b: nn.Module, data: Union[str, Path, torch.T
     # an uninterrupted one would (float64 sums depend on the batch) and gives the same answer
     chunks = [list(range(s, min(s + chunk_size, len(regions)))) for s in range(0, len(regions), chunk_size)]
     jobs = [Job(model_a, model_b, [regions[i] for i in chunk], chunk, settings, threads_per_job,
-                frozenset(chunk) & frozenset(done)) for chunk in chunks if not set(chunk) <= set(done)]
+                frozenset(chunk) & frozenset(done), device) for chunk in chunks if not set(chunk) <= set(done)]
     records, notes = {i: PointResult.from_dict(r) for i, r in done.items()}, []
     with progress_bar(progress, len(regions), desc="drift") as bar:
         bar.update(len(done))
@@ -158,7 +162,7 @@ def run_chunk(job, finished=None):
     # over many points, auto keeps to the cheap passes (an optimised one costs seconds per point:
     # mnistfc int8, 1,000 points, 9 s -> 72 s); method="alpha-differential" asks for it
     deployment, regions, spec, problem, methods = prepare(job.model_a, job.model_b, job.regions, diff, s.method,
-                                                          False, s.arithmetic, s.arithmetic_b)
+                                                          False, s.arithmetic, s.arithmetic_b, job.device)
     skipped = [] if s.method == "auto" else None
     lower, upper, scores = _staged_bounds(problem, spec, methods, regions, s.threshold, skipped)
     with torch.no_grad():
@@ -231,7 +235,8 @@ def _point(deployment, diff, problem, spec, methods, region, initial, at_center,
     if s.threshold is not None and bound <= s.threshold and at_center <= s.threshold:
         record.update(verdict=verdict_of(bound, at_center, s.threshold), seconds=time.perf_counter() - t0)
         return record
-    witness = search_pair(deployment.pair, diff, region, surrogate=deployment.surrogate, steps=s.search_steps,
+    witness = search_pair(deployment.search_pair, diff, region, surrogate=deployment.search_surrogate,
+                          steps=s.search_steps,
                           restarts=s.search_restarts, seed=s.seed, threshold=s.threshold)
     if witness.interrupted:  # a verdict the interrupt changed is never recorded
         raise KeyboardInterrupt

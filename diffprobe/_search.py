@@ -255,7 +255,7 @@ def search(model_a: nn.Module, model_b: nn.Module, region: Region, *,
            seed: int = 0, threshold: Optional[float] = None, starts: Optional[torch.Tensor] = None,
            data: Union[None, str, Path, torch.Tensor] = None, random_fraction: float = 0.1,
            screen_fraction: float = 0.2, arithmetic: str = "native", arithmetic_b: Optional[str] = None,
-           progress: bool = False) -> SearchResult:
+           device: Optional[str] = None, progress: bool = False) -> SearchResult:
     """The input in `region` where model_a and model_b disagree most (by `difference`: a registered
     name, a `Difference`, or an `Objective` such as `flip(3, 8) - 0.1 * tv()`).
 
@@ -267,13 +267,15 @@ def search(model_a: nn.Module, model_b: nn.Module, region: Region, *,
     goes to a gradient-free search afterwards, which also takes what the gradient ascent leaves
     when it gains nothing (zero or uninformative gradients). The models are evaluated as they run
     under `arithmetic` (see `diffprobe.deployment`; default: as loaded, an fp16 module in fp16),
-    so the witness is an input on which the deployed models differ by `found`.
+    so the witness is an input on which the deployed models differ by `found`. `device`: where the
+    models are evaluated ('cpu', 'cuda', 'auto'; copies are moved there, inputs and outputs stay on
+    the CPU).
     """
     if steps < 1 or restarts < 1:
         raise RegionError(f"steps and restarts must be >= 1 (got {steps}, {restarts})")
-    deployment = deploy(model_a, model_b, [region], arithmetic, arithmetic_b)
-    result = search_pair(deployment.pair, objective_of(difference),
-                         fit_region(region, deployment.pair.input_shape), surrogate=deployment.surrogate,
+    deployment = deploy(model_a, model_b, [region], arithmetic, arithmetic_b, device)
+    result = search_pair(deployment.search_pair, objective_of(difference),
+                         fit_region(region, deployment.pair.input_shape), surrogate=deployment.search_surrogate,
                          steps=steps, restarts=restarts, seed=seed, threshold=threshold, starts=starts,
                          data=_data_points(data), random_fraction=random_fraction,
                          screen_fraction=screen_fraction, progress=progress)

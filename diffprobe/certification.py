@@ -254,7 +254,7 @@ def certify(model_a: nn.Module, model_b: nn.Module, region: Region, *,
             difference: Union[str, Difference] = "elementwise", method: str = "auto",
             threshold: Optional[float] = None, time_budget: Optional[float] = None, tolerance: float = 0.05,
             search_steps: int = 50, search_restarts: int = 8, seed: int = 0, arithmetic: str = "native",
-            arithmetic_b: Optional[str] = None, progress: bool = False) -> Certificate:
+            arithmetic_b: Optional[str] = None, device: Optional[str] = None, progress: bool = False) -> Certificate:
     """Certified bounds on `difference` between the models over `region`, with a witness.
 
     `method`: ibp, crown, alpha-crown, differential, alpha-differential or auto. With
@@ -262,8 +262,9 @@ def certify(model_a: nn.Module, model_b: nn.Module, region: Region, *,
     within `tolerance` of the bound, the verdict against `threshold` is reached, or the budget is
     spent. `arithmetic` (for model_b `arithmetic_b` when it differs): what the bound covers, see
     `diffprobe.deployment` — by default each model as it runs (fp16 in fp16, int8 as int8); the
-    witness is always evaluated on the models as they run. Bounds are computed in float64 and
-    rounded outward; an unbounded one (overflow, NaN) is +inf and never verifies.
+    witness is always evaluated on the models as they run. Bounds are computed in float64 on the
+    CPU and rounded outward; an unbounded one (overflow, NaN) is +inf and never verifies. `device`:
+    where the search evaluates the models ('cpu', 'cuda', 'auto').
     """
     t0 = time.perf_counter()
     diff = get_difference(difference)
@@ -271,8 +272,9 @@ def certify(model_a: nn.Module, model_b: nn.Module, region: Region, *,
         threshold = diff.default_threshold
     # branch-and-bound's many cheap passes beat one optimised pass: optimise single passes only
     deployment, (region,), spec, problem, methods = prepare(model_a, model_b, [region], diff, method,
-                                                            not time_budget, arithmetic, arithmetic_b)
-    witness = search_pair(deployment.pair, diff, region, surrogate=deployment.surrogate, steps=search_steps,
+                                                            not time_budget, arithmetic, arithmetic_b, device)
+    witness = search_pair(deployment.search_pair, diff, region, surrogate=deployment.search_surrogate,
+                          steps=search_steps,
                           restarts=search_restarts, seed=seed, threshold=threshold)
     if witness.interrupted:  # nothing is certified yet: stop at once
         raise KeyboardInterrupt
@@ -310,12 +312,12 @@ def logits_of(model):
     return model
 
 
-def prepare(model_a, model_b, regions, diff, method, optimise, arithmetic="native", arithmetic_b=None):
+def prepare(model_a, model_b, regions, diff, method, optimise, arithmetic="native", arithmetic_b=None, device=None):
     """What bounding needs, shared by `certify` and `drift`: the models as they run, the regions in
     their input shape, their spec, the problem and the methods to run (cheapest first)."""
     if diff.bounded_as in ("top1", "confident-top1"):  # labels and confidence read the same on logits
         model_a, model_b = logits_of(model_a), logits_of(model_b)
-    deployment = deploy(model_a, model_b, regions, arithmetic, arithmetic_b)
+    deployment = deploy(model_a, model_b, regions, arithmetic, arithmetic_b, device)
     regions = [fit_region(r, deployment.pair.input_shape) for r in regions]
     spec = spec_for(diff, deployment.pair, torch.stack([r.center for r in regions]))
     problem = build_problem(deployment, spec.graph_kind)

@@ -54,7 +54,8 @@ def _methods():
 _CLI_TERMS = {"trust=True": "--trust", "force=True": "--force", "arch_kwargs=": "--arch-kwargs",
               "arch=": "--arch ", "eps=": "--eps ", "clip=": "--clip ", "heldout=...": "--data FILE",
               "trainer=": "--trainer ", "threshold=": "--threshold ", "resume": "--resume",
-              "base={'lr': ...}": "--base lr=...", "base={'momentum': ...}": "--base momentum=..."}
+              "base={'lr': ...}": "--base lr=...", "base={'momentum': ...}": "--base momentum=...",
+              "device 'cpu' or 'auto'": "--device cpu or --device auto"}
 
 
 def _in_cli_terms(message):
@@ -160,6 +161,9 @@ def common_options(fn):
         click.option("--arithmetic-b", type=_RegistryChoice(_arithmetics),
                      help="MODEL_B's arithmetic when it differs from --arithmetic"),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+                     help="where the search runs the models (auto: CUDA when there is a GPU); bounds are "
+                          "computed on the CPU in float64"),
         click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout"),
         click.option("--quiet", is_flag=True, help="no progress on stderr"),
         click.option("--mlflow", "to_mlflow", is_flag=True,
@@ -327,8 +331,8 @@ force_option = click.option("--force", is_flag=True, help="overwrite an existing
 @force_option
 @_friendly
 def search(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
-           norm, clip, box, difference, arithmetic, arithmetic_b, seed, as_json, quiet, to_mlflow, steps, restarts,
-           threshold, save_witness, data, force):
+           norm, clip, box, difference, arithmetic, arithmetic_b, seed, device, as_json, quiet, to_mlflow, steps,
+           restarts, threshold, save_witness, data, force):
     """Find the input in a region where MODEL_A and MODEL_B disagree most."""
     from . import search as run_search
     from .report import search_text
@@ -341,7 +345,7 @@ def search(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib
     region = make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
     result = run_search(a, b, region, difference=difference, steps=steps, restarts=restarts, seed=seed,
                         threshold=threshold, data=data, arithmetic=arithmetic, arithmetic_b=arithmetic_b,
-                        progress=not quiet)
+                        device=device, progress=not quiet)
     if save_witness:
         import io
         import numpy as np
@@ -378,8 +382,8 @@ def _certify_command(name, doc, search_steps):
     @data_options
     @_friendly
     def command(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize, vnnlib, center, index, eps,
-                norm, clip, box, difference, arithmetic, arithmetic_b, seed, as_json, quiet, to_mlflow, method,
-                threshold, time_budget, data, labels, top1, jobs, out, resume, force):
+                norm, clip, box, difference, arithmetic, arithmetic_b, seed, device, as_json, quiet, to_mlflow,
+                method, threshold, time_budget, data, labels, top1, jobs, out, resume, force):
         check_threshold(threshold, difference)
         check_arithmetic(arithmetic, arithmetic_b)
         inputs = _input_files(model_a, model_b, arch, arch_b, center, vnnlib, data, labels)
@@ -388,7 +392,7 @@ def _certify_command(name, doc, search_steps):
             a, b = load_pair(model_a, model_b, arch, arch_b, arch_kwargs, trust, normalize)
             return _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method,
                           time_budget, jobs, out, resume, seed, search_steps, as_json, quiet, to_mlflow,
-                          arithmetic, arithmetic_b)
+                          arithmetic, arithmetic_b, device)
         if top1 or jobs > 1 or resume or labels:
             raise click.UsageError("--top1, --jobs, --labels and --resume work with --data FILE")
         check_region_options(vnnlib, center, eps, box)
@@ -399,7 +403,7 @@ def _certify_command(name, doc, search_steps):
         region = make_region(a, b, vnnlib, center, index, eps, norm, clip, box)
         result = certify(a, b, region, difference=difference, method=method, threshold=threshold,
                          time_budget=time_budget, seed=seed, search_steps=search_steps, arithmetic=arithmetic,
-                         arithmetic_b=arithmetic_b, progress=not quiet)
+                         arithmetic_b=arithmetic_b, device=device, progress=not quiet)
         _save(result, out)
         emit(result, as_json, certificate_text(result), to_mlflow)
         sys.exit(130 if result.interrupted else EXIT[result.verdict and result.verdict.value])
@@ -420,7 +424,8 @@ def _check_drift_options(threshold, top1, resume, out, force, inputs):
 
 
 def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, method, time_budget, jobs,
-           out, resume, seed, search_steps, as_json, quiet, to_mlflow, arithmetic="native", arithmetic_b=None):
+           out, resume, seed, search_steps, as_json, quiet, to_mlflow, arithmetic="native", arithmetic_b=None,
+           device="cpu"):
     from . import drift
     from .data import load_tensor
     from .report import drift_text
@@ -430,7 +435,8 @@ def _drift(a, b, data, labels, eps, norm, clip, threshold, difference, top1, met
                        method=method, time_budget_per_point=time_budget, executor=executor,
                        threads_per_job=max(1, (os.cpu_count() or 1) // jobs) if executor else 0,
                        search_steps=search_steps, seed=seed, checkpoint=checkpoint_path(out),
-                       resume=resume, arithmetic=arithmetic, arithmetic_b=arithmetic_b, progress=not quiet)
+                       resume=resume, arithmetic=arithmetic, arithmetic_b=arithmetic_b, device=device,
+                       progress=not quiet)
     _save(report, out)
     emit(report, as_json, drift_text(report), to_mlflow)
     if report.total > len(report.points):

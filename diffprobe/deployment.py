@@ -17,6 +17,7 @@ from .errors import DiffprobeError
 from .execution import float_tensors, is_quantized
 
 ARITHMETICS = ("native", "exact", "fp64", "fp32", "fp16", "bf16")
+DEVICES = ("cpu", "cuda", "auto")
 _CAST = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -24,6 +25,24 @@ def check_arithmetic(name):
     if name not in ARITHMETICS:
         raise DiffprobeError(f"unknown arithmetic '{name}'; choose one of {', '.join(ARITHMETICS)}")
     return name
+
+
+def resolve_device(device):
+    """The torch.device the search runs the models on: 'cpu' (None), 'cuda' / 'cuda:N', or 'auto'
+    (CUDA when torch sees a GPU, else the CPU)."""
+    name = "cpu" if device is None else str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise DiffprobeError(f"unknown device '{name}'; choose one of {', '.join(DEVICES)}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DiffprobeError("device 'cuda' asked for, but torch sees no CUDA GPU on this machine; use device "
+                             "'cpu' or 'auto'")
+    if resolved.type not in ("cpu", "cuda"):
+        raise DiffprobeError(f"device '{name}' is not supported; choose one of {', '.join(DEVICES)}")
+    return resolved
 
 
 def deployed(model, arithmetic):
@@ -55,8 +74,9 @@ class Deployment:
     `surrogate` (float64, None when no float form exists) is what gradients go through, `chains`
     the lowered chains (None where a model cannot be lowered; `notes` say why), lowered on first use."""
 
-    def __init__(self, models, names, pair, points):
+    def __init__(self, models, names, pair, points, device=None):
         self.models, self.names, self.points = models, names, points
+        self.device, self._on_device = resolve_device(device), {}
         self.exact = names[0] == "exact"
         self.arithmetic = {k: "exact" if self.exact else describe(m, "native")
                            for k, m in zip(("model_a", "model_b"), models)}
@@ -95,14 +115,33 @@ class Deployment:
         return self._surrogate or None
 
     @property
+    def search_pair(self):
+        """The pair the search evaluates, on `device` (torch.ao's int8 modules run on the CPU only, so
+        a pair holding one stays there). Bounds are always computed on the CPU in float64."""
+        return self._moved(self.pair)
+
+    @property
+    def search_surrogate(self):
+        """The float64 stand-in the search takes gradients through, on `device`."""
+        return self._moved(self.surrogate)
+
+    def _moved(self, pair):
+        if pair is None or self.device.type == "cpu" or any(map(is_quantized, (pair.model_a, pair.model_b))):
+            return pair
+        if id(pair) not in self._on_device:  # copied, so the CPU pair the bounds use stays where it is
+            self._on_device[id(pair)] = copy.deepcopy(pair).to(self.device)
+        return self._on_device[id(pair)]
+
+    @property
     def native_bounds(self):
         """Whether the deployed arithmetic can be bounded: exact, or both models lowered."""
         return self.exact or all(c is not None for c in self.chains)
 
 
-def deploy(model_a, model_b, regions, arithmetic="native", arithmetic_b=None):
+def deploy(model_a, model_b, regions, arithmetic="native", arithmetic_b=None, device=None):
     """The `Deployment` of two models under `arithmetic` (for model_b `arithmetic_b` when it
-    differs) over `regions` (their centres check each lowered chain against its module)."""
+    differs) over `regions` (their centres check each lowered chain against its module); the
+    search evaluates them on `device` (see `resolve_device`)."""
     from .graph import compose
     names = (check_arithmetic(arithmetic), check_arithmetic(arithmetic_b or arithmetic))
     if "exact" in names and names[0] != names[1]:
@@ -110,7 +149,7 @@ def deploy(model_a, model_b, regions, arithmetic="native", arithmetic_b=None):
     models = [deployed(m, a) for m, a in zip((model_a, model_b), names)]
     pair = compose(*models, regions[0])
     points = torch.stack([r.center.reshape(pair.input_shape) for r in regions[:4]]).double()
-    return Deployment(models, names, pair, points)
+    return Deployment(models, names, pair, points, device)
 
 
 def _surrogate(model):

@@ -103,6 +103,8 @@ class Pair(nn.Module):
 
     def _refresh(self):
         self.runs = [(input_dtype(m), batch_dependent(m)) for m in (self.model_a, self.model_b)]
+        tensors = list(self.parameters()) + list(self.buffers())
+        self.device = tensors[0].device if tensors else None  # inputs go there, outputs come back
 
     def _apply(self, fn, *args, **kwargs):  # .double(), .to(...): the input dtypes follow
         out = super()._apply(fn, *args, **kwargs)
@@ -110,9 +112,11 @@ class Pair(nn.Module):
         return out
 
     def outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        n = x.shape[0]
-        a = run(self.model_a, self._as(x, self.shape_a), *self.runs[0])
-        b = run(self.model_b, self._as(x, self.shape_b), *self.runs[1])
+        n, home = x.shape[0], x.device
+        if self.device is not None and self.device != home:
+            x = x.to(self.device)
+        a = run(self.model_a, self._as(x, self.shape_a), *self.runs[0]).to(home)
+        b = run(self.model_b, self._as(x, self.shape_b), *self.runs[1]).to(home)
         if a.reshape(n, -1).shape != b.reshape(n, -1).shape:
             raise ShapeMismatchError(f"output shapes differ: model_a gives {list(a.shape[1:])}, "
                                      f"model_b gives {list(b.shape[1:])}; compare models with the same outputs")
