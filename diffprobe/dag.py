@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .activations import IDENTITY, RELU_FN, Activation, Nonlinearity, of_function
+from .activations import IDENTITY, RELU_FN, Nonlinearity, of_function
 from .arithmetic import FORMATS
 from .lowering import (MAX_DENSE, STAGES, Chain, Context, Declined, Stage, _activation, _affine_stage, _check_plain,
                        _LeafTracer, float_error, register_stage)
@@ -117,15 +117,24 @@ def _embedded(stage, rows, columns, size, name):
     w[torch.arange(n_keep), rows] = 1.0
     w[n_keep:].index_add_(1, columns, w_value)
     bias = None if stage.bias is None else torch.cat([torch.zeros(n_keep, dtype=torch.float64), stage.bias])
-    input_error = output_error = None
-    if stage.input_error is not None:  # only on a selected tail (see _State.apply): columns are the tail
-        def input_error(lo, hi, fn=stage.input_error):
-            return torch.cat([torch.zeros_like(lo[:, :n_keep]), fn(lo[:, n_keep:], hi[:, n_keep:])], 1)
-    if stage.output_error is not None:
-        def output_error(x_lo, x_hi, y_lo, y_hi, fn=stage.output_error):
-            radius = fn(x_lo[:, columns], x_hi[:, columns], y_lo[:, n_keep:], y_hi[:, n_keep:])
-            return torch.cat([torch.zeros_like(y_lo[:, :n_keep]), radius], 1)
-    return Stage(stage.name, w, bias, (n_keep + n_out,), input_error, output_error)
+    return Stage(stage.name, w, bias, (n_keep + n_out,), _tail_input_error(stage.input_error, n_keep),
+                 _tail_output_error(stage.output_error, columns, n_keep))
+
+
+def _tail_input_error(fn, n_keep):
+    """A value's input error on the tail of the state (the value was selected there first)."""
+    if fn is None:
+        return None
+    return lambda lo, hi: torch.cat([torch.zeros_like(lo[:, :n_keep]), fn(lo[:, n_keep:], hi[:, n_keep:])], 1)
+
+
+def _tail_output_error(fn, columns, n_keep):
+    """A value's output error on the appended entries; the kept entries are exact copies."""
+    if fn is None:
+        return None
+    return lambda x_lo, x_hi, y_lo, y_hi: torch.cat(
+        [torch.zeros_like(y_lo[:, :n_keep]), fn(x_lo[:, columns], x_hi[:, columns], y_lo[:, n_keep:], y_hi[:, n_keep:])], 1)
+
 
 
 def _widened(nonlinearity, n_keep, size):
@@ -285,10 +294,6 @@ def _flat(obj):
     return [obj]
 
 
-def _keep(live):
-    return _positions(live)
-
-
 def _through(build, value, name, state, live, exact):
     """A module or function of one tensor: its steps from the lowering registry, on that tensor."""
     if not isinstance(value, Value):
@@ -296,7 +301,7 @@ def _through(build, value, name, state, live, exact):
     shape = tuple(value.shape[1:])
     ctx = Context(shape, value.dtype, name, scale=value.scale, exact=exact)
     steps = build(ctx)
-    index, moved = state.apply(steps, value.index.reshape(-1), _keep(live), ctx.shape, name)
+    index, moved = state.apply(steps, value.index.reshape(-1), _positions(live), ctx.shape, name)
     return _Applied(Value(index, ctx.dtype, ctx.scale), moved)
 
 
@@ -349,7 +354,6 @@ def _linear_join(values, scales, shift, name, state, live, exact):
     """sum_i scales_i * values_i + shift (elementwise, constants broadcast), rounded once in the
     values' format."""
     shape = tuple(values[0].shape[1:])
-    n = math.prod(shape)
     dtypes = {v.dtype for v in values}
     if any(v.scale is not None for v in values) or len(dtypes) != 1:
         raise Declined(f"'{name}' joins quantised tensors or tensors of different dtypes")
@@ -361,7 +365,7 @@ def _linear_join(values, scales, shift, name, state, live, exact):
     error = None if exact or fmt is None or fmt.bits >= 53 else float_error(fmt, w, bias)
     stage = Stage(name, w, bias, shape, output_error=error)
     sources = torch.cat([v.index.reshape(-1) for v in values])
-    index, moved = state.apply([stage], sources, _keep(live), shape, name)
+    index, moved = state.apply([stage], sources, _positions(live), shape, name)
     return _Applied(Value(index, values[0].dtype), moved)
 
 
@@ -423,7 +427,7 @@ def _max_pool(value, kernel, stride, padding, dilation, ceil_mode, name, state, 
         width = n_a + n_odd
         rest = [n_a + torch.arange(n_odd).reshape(len(members), -1)] if n_odd else []
         members = torch.cat([torch.arange(n_a).reshape(len(members), pairs)] + rest, 1)
-    index, moved = state.apply(steps, value.index.reshape(-1), _keep(live), out_shape, name)
+    index, moved = state.apply(steps, value.index.reshape(-1), _positions(live), out_shape, name)
     return _Applied(Value(index, value.dtype), moved)
 
 

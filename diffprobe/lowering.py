@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from .activations import IDENTITY, RELU, Activation, Nonlinearity, of_function, of_module
+from .activations import Activation, Nonlinearity, of_function, of_module
 from .arithmetic import FORMATS, accumulator_of, dot_error, format_of
 from .execution import input_dtype, run_native
 from .layers import Elementwise, Network, Reshape
@@ -88,7 +88,7 @@ OBSERVED: Set[type] = set()  # module types whose stage also lowers torch.ao's o
 
 
 def register_stage(*types):
-    """Register `fn(module, ctx) -> [Stage | RELU, ...]` (updating ctx) for modules of exactly
+    """Register `fn(module, ctx) -> [Stage | Nonlinearity, ...]` (updating ctx) for modules of exactly
     these types (subclasses are not covered: they may compute something else)."""
     def wrap(fn):
         for t in types:

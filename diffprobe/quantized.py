@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .arithmetic import FORMATS, format_of
-from .lowering import OBSERVED, RELU, WEIGHT_TYPES, Declined, Stage, _cast, dense, register_stage
+from .activations import RELU
+from .lowering import OBSERVED, WEIGHT_TYPES, Declined, Stage, _cast, dense, register_stage
 
 _FP32 = FORMATS[torch.float32]
 _SAFETY = 1 + 2.0 ** -16  # a scale computed in fp32 may be a few ulps above its exact value

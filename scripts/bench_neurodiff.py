@@ -106,7 +106,7 @@ def single_passes(binary, tmp):
     for path_a, path_b in acas:
         a, b = (output_only(dp.load_model(p), 0) for p in (path_a, path_b))
         ours, theirs = our_pass(a, b, box), neurodiff_pass(binary, 1, path_a, path_b)
-        rows.append((f"ACAS N{path_a.name[12:17]} vs fp16, property 1, output 0", ours, theirs))
+        rows.append((f"ACAS N{path_a.name[12:16]} vs fp16, property 1, output 0", ours, theirs))
     mnist_a, mnist_b = NETS / "mnist_3x100/mnist_relu_3_100.nnet", NETS / "mnist_3x100/mnist_relu_3_100_16bit.nnet"
     image = torch.from_numpy(np.load(NETS / "mnist_3x100/mnist_test_inputs.npy")[0])
     label = int(dp.load_model(mnist_a).double()(image.double().unsqueeze(0)).argmax())
