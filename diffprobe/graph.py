@@ -113,10 +113,11 @@ class Pair(nn.Module):
 
     def outputs(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         n, home = x.shape[0], x.device
-        if self.device is not None and self.device != home:
-            x = x.to(self.device)
-        a = run(self.model_a, self._as(x, self.shape_a), *self.runs[0]).to(home)
-        b = run(self.model_b, self._as(x, self.shape_b), *self.runs[1]).to(home)
+        away = self.device is not None and self.device != home  # no cast node in a traced graph otherwise
+        x = x.to(self.device) if away else x
+        a = run(self.model_a, self._as(x, self.shape_a), *self.runs[0])
+        b = run(self.model_b, self._as(x, self.shape_b), *self.runs[1])
+        a, b = (a.to(home), b.to(home)) if away else (a, b)
         if a.reshape(n, -1).shape != b.reshape(n, -1).shape:
             raise ShapeMismatchError(f"output shapes differ: model_a gives {list(a.shape[1:])}, "
                                      f"model_b gives {list(b.shape[1:])}; compare models with the same outputs")
