@@ -347,7 +347,7 @@ def alpha_differential(problem, region, lo, hi):
     as good as the two networks' own pre-activation bounds (ACAS Xu boxes: up to 25x tighter, for
     about one alpha-CROWN pass of the composed graph)."""
     engine = _engine_or_raise(problem)
-    if not all(layer.activation.is_relu for chain in (engine.a, engine.b) for layer in chain.layers[:-1]):
+    if not engine.relu_chain:
         # alpha-CROWN's ReLU bounds line up with the engine's layers only in a ReLU chain
         return engine.bounds(lo, hi, **_engine_specs(problem))
     layers = [_per_layer(_relu_input_bounds(problem, m, lo, hi), chain, lo, hi)

@@ -231,10 +231,14 @@ def methods_for(method, problem, optimise):
         if problem.graph is None:
             return []
         engine = differential_engine(problem.logits or problem)
-        if engine is not None:  # alpha-CROWN's cost grows with the neurons (a CNN's: many)
-            return ["differential", "crown"] + (["alpha-differential"] if optimise and engine.hidden <= 1024 else [])
         small = optimise and sum(p.numel() for p in problem.graph.pair.parameters()) <= 200_000
-        return ["crown", "alpha-crown"] if small else ["crown"]
+        if engine is None:
+            return ["crown", "alpha-crown"] if small else ["crown"]
+        # alpha-CROWN's cost grows with the neurons (a CNN's: many); it tightens the engine's
+        # layers only in a plain ReLU chain, else it runs on the composed graph
+        if optimise and engine.relu_chain and engine.hidden <= 1024:
+            return ["differential", "crown", "alpha-differential"]
+        return ["differential", "crown"] + (["alpha-crown"] if small and not engine.relu_chain else [])
     if method == "alpha-differential":
         return ["differential", "alpha-differential"]
     if method not in METHODS:
@@ -476,7 +480,8 @@ class BranchAndBound:
         input splitting alone, 0.175 with this pass) when it fits in the remaining budget (its
         cost on this problem so far, 2 s before the first: auto_LiRPA's overhead alone is about a
         second, so on digits with 0.5 s per point splitting decides more)."""
-        if (self.engine is None or self.lo[0].numel() <= INPUT_SPLIT_MAX_DIMS or len(self.scores) != 1
+        if (self.engine is None or not self.engine.relu_chain or self.lo[0].numel() <= INPUT_SPLIT_MAX_DIMS
+                or len(self.scores) != 1
                 or "alpha-differential" in self.ran or self.scores[0] <= level):
             return
         started = time.perf_counter()

@@ -239,6 +239,11 @@ class DifferentialBounds:
         return self.a.hidden
 
     @property
+    def relu_chain(self):
+        """Whether both models are plain ReLU chains (what alpha-CROWN's bounds line up with)."""
+        return all(layer.activation.is_relu for chain in (self.a, self.b) for layer in chain.layers[:-1])
+
+    @property
     def first_weights(self):
         """Both models' first-layer weight matrices (input sensitivity for branch-and-bound)."""
         return self.a.layers[0].weight, self.b.layers[0].weight

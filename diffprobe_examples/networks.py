@@ -17,3 +17,16 @@ def random_network(sizes, seed, act=nn.ReLU, scale=1.0):
             lin.bias.copy_(torch.randn(n_out, generator=gen) * 0.1)
         layers += [lin] + ([act()] if i < len(sizes) - 2 else [])
     return Network(layers, (sizes[0],)).eval()
+
+
+def noisy_copy(model, sigma, seed, bias_only=False):
+    """A copy of `model` with seeded N(0, sigma^2) noise added to every parameter (biases only
+    with `bias_only`): the near-identical partner of tests and benchmarks."""
+    import copy
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if not bias_only or name.endswith("bias"):
+                p.add_(sigma * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return other

@@ -5,23 +5,18 @@ model_a with N(0, 1e-3) noise on every parameter (seeded); region x0 in [0.6, 0.
     python scripts/bench_isomorphic.py [--nets 1_1 1_2 ...] [--budget 120]
 """
 import argparse
-import copy
 from pathlib import Path
 
 import torch
 
 import diffprobe as dp
+from diffprobe_examples.networks import noisy_copy
 
 NETS = Path(__file__).resolve().parents[2] / "shared" / "nets"
 
 
 def noisy(model, seed, sigma=1e-3):
-    other = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(sigma * torch.randn(p.shape, generator=gen))
-    return other
+    return noisy_copy(model, sigma, seed)
 
 
 def main():

@@ -1,7 +1,6 @@
 """Soundness of every activation's relaxations (lines, intervals, difference lines) on random
 boxes against dense sampling of the function, and of the differential engine on networks built
 from each activation, in exact arithmetic and as the fp16 copy runs."""
-import copy
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 from diffprobe import Box, certify
 from diffprobe.activations import IDENTITY, RELU_FN, SMOOTH, LeakyReLU, elu
 from diffprobe.deployment import deploy
+from diffprobe_examples.networks import noisy_copy
 from conftest import examples, mlp
 
 ACTIVATIONS = {**SMOOTH, "relu": RELU_FN, "identity": IDENTITY, "leaky": LeakyReLU(0.1), "elu": elu(1.0),
@@ -99,11 +99,8 @@ def test_differential_bound_holds_for_each_activation(name, seed, depth, width, 
     """Random networks of each activation and perturbed copies: every sampled difference of the
     models as they run (fp16/bf16: both cast and run in that format) lies within the bound."""
     a = mlp([3] + [width] * depth + [2], seed, act=MODULES[name])
-    b = copy.deepcopy(a)
+    b = noisy_copy(a, noise, seed)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in b.parameters():
-            p.add_(noise * torch.randn(p.shape, generator=gen))
     centre = torch.randn(3, generator=gen, dtype=torch.float64)
     region = Box(centre - radius, centre + radius)
     cert = certify(a, b, region, method="differential", arithmetic=arithmetic, search_steps=5, search_restarts=1)

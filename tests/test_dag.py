@@ -12,6 +12,7 @@ from torch import nn
 from diffprobe import Box, LinfBall, certify
 from diffprobe.deployment import deploy
 from diffprobe.lowering import Declined, lower
+from diffprobe_examples.networks import noisy_copy
 from conftest import examples
 
 ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky": lambda: nn.LeakyReLU(0.2)}
@@ -67,15 +68,6 @@ def _randomised(model, seed):
     return model.eval()
 
 
-def _perturbed(model, noise, seed):
-    other = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(noise * torch.randn(p.shape, generator=gen))
-    return other
-
-
 def _assert_bound_holds(a, b, region, arithmetic, seed):
     cert = certify(a, b, region, method="differential", arithmetic=arithmetic, search_steps=5, search_restarts=1)
     assert cert.method == "differential"
@@ -94,7 +86,7 @@ def _assert_bound_holds(a, b, region, arithmetic, seed):
        arithmetic=st.sampled_from(["exact", "fp16"]))
 def test_residual_mlp_bound_holds(seed, width, blocks, act, noise, radius, arithmetic):
     a = _randomised(ResidualMLP(width, blocks, ACTS[act]), seed)
-    b = _perturbed(a, noise, seed + 1)
+    b = noisy_copy(a, noise, seed + 1)
     centre = torch.randn(3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     cert = _assert_bound_holds(a, b, Box(centre - radius, centre + radius), arithmetic, seed)
     if noise == 0.0 and arithmetic == "exact":
@@ -107,7 +99,7 @@ def test_residual_mlp_bound_holds(seed, width, blocks, act, noise, radius, arith
        arithmetic=st.sampled_from(["exact", "fp16"]))
 def test_residual_cnn_bound_holds(seed, channels, act, pool, noise, radius, arithmetic):
     a = _randomised(ResidualCNN(channels, ACTS[act], pool), seed)
-    b = _perturbed(a, noise, seed + 1)
+    b = noisy_copy(a, noise, seed + 1)
     centre = torch.rand(1, 6, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     _assert_bound_holds(a, b, LinfBall(centre, radius), arithmetic, seed)
 

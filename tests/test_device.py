@@ -1,7 +1,6 @@
 """`device=` / `--device`: the search evaluates the models where asked; bounds stay on the CPU in
 float64. On a machine without CUDA, 'auto' is the CPU and 'cuda' is refused in one line; with a
 GPU the CUDA tests compare against the CPU run."""
-import json
 
 import pytest
 import torch

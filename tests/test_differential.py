@@ -1,4 +1,3 @@
-import copy
 
 import numpy as np
 import pytest
@@ -11,18 +10,12 @@ from diffprobe.deployment import deploy
 from diffprobe.differential import DifferentialBounds, matching_layers
 from diffprobe.layers import Elementwise, Network
 from diffprobe.lowering import Declined, lower
+from diffprobe_examples.networks import noisy_copy
 from diffprobe_examples.pruning import pruned_copy
 from conftest import mlp, shared, examples
 
 
-def perturbed(model, scale, seed, bias_only=False):
-    other = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in other.named_parameters():
-            if not bias_only or name.endswith("bias"):
-                p.add_(scale * torch.randn(p.shape, generator=gen))
-    return other
+perturbed = noisy_copy
 
 
 def engine_bounds(a, b, lo, hi, arithmetic="exact"):
