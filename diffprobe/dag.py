@@ -33,6 +33,7 @@ _SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_", "__sub__"}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__", "__rmul__"}
 _DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_", "__truediv__"}
 _NEG = {operator.neg, torch.neg, "neg"}
+TOTAL_DENSE = 4 * MAX_DENSE  # float64 entries of all stage matrices of one lowered graph (800 MB)
 _LINEAR_FUNCTIONS = {"mean", "sum", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d"}
 
 
@@ -60,7 +61,15 @@ class _State:
     """The running state and the steps built so far."""
 
     def __init__(self, input_shape, exact):
-        self.size, self.exact, self.steps = math.prod(input_shape), exact, []
+        self.size, self.exact, self.steps, self.entries = math.prod(input_shape), exact, [], 0
+
+    def _add(self, stage, name):
+        """Append a stage, within a budget for all of the graph's matrices together (each node's
+        is as wide as the state, so a large network would otherwise take gigabytes)."""
+        self.entries += 0 if stage.weight is None else stage.weight.numel()
+        if self.entries > TOTAL_DENSE:
+            raise Declined(f"lowering the graph up to '{name}' needs more than {TOTAL_DENSE:,} matrix entries")
+        self.steps.append(stage)
 
     def apply(self, value_steps, inputs, keep, out_shape, name):
         """Append `value_steps` (per-value stages and nonlinearities of `lowering`) applied to the
@@ -82,7 +91,7 @@ class _State:
                 source = None
             columns = source if source is not None else torch.arange(n_keep, self.size)
             rows = keep if source is not None else torch.arange(n_keep)
-            self.steps.append(_embedded(step, rows, columns, self.size, name))
+            self._add(_embedded(step, rows, columns, self.size, name), name)
             self.size = n_keep + _width(step, len(columns))
             source = None
             fused = True
@@ -97,7 +106,7 @@ class _State:
         rows = torch.cat([keep, source])
         w = torch.zeros(len(rows), self.size, dtype=torch.float64)
         w[torch.arange(len(rows)), rows] = 1.0
-        self.steps.append(Stage(name + " (select)", w, None, (len(rows),)))
+        self._add(Stage(name + " (select)", w, None, (len(rows),)), name)
         self.size = len(rows)
 
 

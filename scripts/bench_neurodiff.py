@@ -13,12 +13,14 @@ NeuroDiff is not a dependency: build it from its public artifact
 Columns: the first pass's bound and time (NeuroDiff's own "time:" line with -m 0, i.e. no split;
 diffprobe's engine built once beforehand, the median of 5 passes); with --threshold S, whether
 each ACAS pair's output 0 is verified within eps = 1e-4 in S seconds (NeuroDiff's input splitting
-vs diffprobe's certify with branch-and-bound); process wall times of `diffprobe --help` and of
-one NeuroDiff run.
+vs diffprobe's certify with branch-and-bound) and how many sub-boxes each bounds per second there
+(NeuroDiff's numSplits, diffprobe's branches: boxes bounded in batches, children starting from their
+parents' bounds); process wall times of `diffprobe --help` and of one NeuroDiff run.
 """
 import argparse
 import copy
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -75,12 +77,19 @@ def neurodiff_pass(binary, prop, net_a, net_b, *extra):
 
 
 def _run(binary, *args, timeout=None):
+    """NeuroDiff's output; at `timeout` it gets SIGINT, on which it prints its split count."""
     env = {"OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    process = subprocess.Popen([str(binary), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env)
     try:
-        done = subprocess.run([str(binary), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
-        return done.stdout + done.stderr
+        return process.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        return "timeout"
+        process.send_signal(signal.SIGINT)
+        try:
+            return process.communicate(timeout=10)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.communicate()[0]
 
 
 def write_nnet(model, path, low, high):
@@ -136,14 +145,17 @@ def thresholds(binary, seconds, eps=1e-4):
     for k in range(1, 10):
         path_a, path_b = (NETS / f"acasxu/ACASXU_run2a_1_{k}_batch_2000.nnet",
                           NETS / f"acasxu_fp16/ACASXU_run2a_1_{k}_batch_2000_16bit.nnet")
-        theirs = "No adv!" in _run(binary, 1, path_a, path_b, eps, timeout=seconds)
+        t0 = time.perf_counter()
+        log = _run(binary, 1, path_a, path_b, eps, timeout=seconds)
+        theirs = "No adv!" in log, int(re.findall(r"numSplits: (\d+)", log)[-1]) / (time.perf_counter() - t0)
         a, b = (output_only(dp.load_model(p), 0) for p in (path_a, path_b))
         t0 = time.perf_counter()
         cert = dp.certify(a, b, box, threshold=eps, time_budget=seconds, method="differential", arithmetic="exact",
                           search_steps=20, search_restarts=2)
-        out.append((k, theirs, cert.verdict == "verified", time.perf_counter() - t0, cert.bound))
-        print(f"  N_1_{k}: NeuroDiff {theirs}, diffprobe {cert.verdict} ({cert.bound:.3g}, "
-              f"{out[-1][3]:.1f}s)", file=sys.stderr, flush=True)
+        spent = time.perf_counter() - t0
+        out.append((k, *theirs, cert.verdict == "verified", spent, cert.bound, cert.branches / spent))
+        print(f"  N_1_{k}: NeuroDiff {theirs}, diffprobe {cert.verdict} ({cert.bound:.3g}, {spent:.1f}s, "
+              f"{cert.branches / spent:.0f} boxes/s)", file=sys.stderr, flush=True)
     return out
 
 
@@ -180,10 +192,11 @@ def main():
     if args.threshold:
         results = thresholds(args.neurodiff, args.threshold)
         lines += ["", f"| ACAS property 1, output 0, eps 1e-4, {args.threshold:g} s each | NeuroDiff verified "
-                      "| diffprobe verified | diffprobe seconds | diffprobe bound |", "|---|---|---|---|---|"]
-        lines += [f"| N_1_{k} | {'yes' if t else 'no'} | {'yes' if o else 'no'} | {s:.1f} | {b:.3g} |"
-                  for k, t, o, s, b in results]
-        lines.append(f"| all nine | {sum(r[1] for r in results)}/9 | {sum(r[2] for r in results)}/9 | | |")
+                      "| diffprobe verified | diffprobe seconds | diffprobe bound | NeuroDiff splits/s "
+                      "| diffprobe boxes bounded/s |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| N_1_{k} | {'yes' if t else 'no'} | {'yes' if o else 'no'} | {s:.1f} | {b:.3g} | {rt:.0f} "
+                  f"| {ro:.0f} |" for k, t, rt, o, s, b, ro in results]
+        lines.append(f"| all nine | {sum(r[1] for r in results)}/9 | {sum(r[3] for r in results)}/9 | | | | |")
     print("\n".join(lines))
     if args.docs:
         sys.path.insert(0, str(Path(__file__).parent))
