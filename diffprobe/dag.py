@@ -60,8 +60,8 @@ class Value:
 class _State:
     """The running state and the steps built so far."""
 
-    def __init__(self, input_shape, exact):
-        self.size, self.exact, self.steps, self.entries = math.prod(input_shape), exact, [], 0
+    def __init__(self, input_shape):
+        self.size, self.steps, self.entries = math.prod(input_shape), [], 0
 
     def _add(self, stage, name):
         """Append a stage, within a budget for all of the graph's matrices together (each node's
@@ -78,7 +78,7 @@ class _State:
         n_keep = len(keep)
         moved = torch.full((self.size,), -1, dtype=torch.long)
         moved[keep] = torch.arange(n_keep)
-        source, fused = inputs, False
+        source = inputs  # until a step reads them: the entries the value's steps start from
         for step in value_steps:
             if isinstance(step, Nonlinearity):
                 if source is not None:  # the activation's input gets its own neurons first
@@ -94,8 +94,7 @@ class _State:
             self._add(_embedded(step, rows, columns, self.size, name), name)
             self.size = n_keep + _width(step, len(columns))
             source = None
-            fused = True
-        if source is not None and not fused:
+        if source is not None:  # no step at all: the value itself, selected
             self._select(keep, source, name)
         out = torch.arange(n_keep, self.size)
         if math.prod(out_shape) != len(out):
@@ -151,10 +150,7 @@ def _widened(nonlinearity, n_keep, size):
     parts = [(IDENTITY, None)]
     for activation, mask in nonlinearity.parts:
         full = torch.zeros(size, dtype=torch.bool)
-        if mask is None:
-            full[n_keep:] = True
-        else:
-            full[n_keep:] = mask
+        full[n_keep:] = True if mask is None else mask
         parts.append((activation, full))
     return Nonlinearity(tuple(parts))
 
@@ -166,7 +162,7 @@ def lower_graph(model, input_shape, exact=False):
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
     last_use = {n: max((nodes.index(u) for u in n.users), default=-1) for n in nodes}
-    state = _State(input_shape, exact)
+    state = _State(input_shape)
     env, inputs = {}, [n for n in nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise Declined(f"{type(model).__name__} takes {len(inputs)} inputs")
