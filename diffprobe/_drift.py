@@ -60,8 +60,8 @@ class Job:
     indices: list
     settings: DriftSettings
     threads: int = 0
-    done: frozenset = frozenset()
-    device: Optional[str] = None  # where the search evaluates the models (not a setting: results match)  # indices already finished: bounded with the chunk, not run again
+    done: frozenset = frozenset()  # indices already finished: bounded with the chunk, not run again
+    device: Optional[str] = None  # where the search evaluates the models (not a setting: results match)
 
 
 def drift(model_a: nn.Module, model_b: nn.Module, data: Union[str, Path, torch.Tensor, List[Region]], *,
@@ -236,8 +236,7 @@ def _point(deployment, diff, problem, spec, methods, region, initial, at_center,
         record.update(verdict=verdict_of(bound, at_center, s.threshold), seconds=time.perf_counter() - t0)
         return record
     witness = search_pair(deployment.search_pair, diff, region, surrogate=deployment.search_surrogate,
-                          steps=s.search_steps,
-                          restarts=s.search_restarts, seed=s.seed, threshold=s.threshold)
+                          steps=s.search_steps, restarts=s.search_restarts, seed=s.seed, threshold=s.threshold)
     if witness.interrupted:  # a verdict the interrupt changed is never recorded
         raise KeyboardInterrupt
     state = BranchAndBound(problem, spec, methods, region, diff, witness, initial, auto=s.method == "auto")

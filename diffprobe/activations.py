@@ -29,15 +29,12 @@ import torch
 GRID = 17  # grid points per interval for the smooth relaxations (kinks added)
 
 
-def _where(mask, a, b):
-    return torch.where(mask, a, b)
-
-
 class Activation:
     """One elementwise function and its relaxations (see the module docstring)."""
 
     name = "activation"
     monotone = False
+    rounds = True  # computed in a narrow float format its result is rounded (ReLU's never is)
 
     def __call__(self, z):
         raise NotImplementedError
@@ -86,10 +83,10 @@ def _mean_value_lines(gl, gu, dl, du):
     crossing = (dl < 0) & (du > 0)
     lo_chord = (gl * du - gu * dl) / width
     up_chord = (gu * du - gl * dl) / width
-    lo_p = _where(du <= 0, gu, _where(dl >= 0, gl, lo_chord))
-    up_p = _where(du <= 0, gl, _where(dl >= 0, gu, up_chord))
-    lo_r = _where(crossing, gu * dl - lo_chord * dl, zero)
-    up_r = _where(crossing, gl * dl - up_chord * dl, zero)
+    lo_p = torch.where(du <= 0, gu, torch.where(dl >= 0, gl, lo_chord))
+    up_p = torch.where(du <= 0, gl, torch.where(dl >= 0, gu, up_chord))
+    lo_r = torch.where(crossing, gu * dl - lo_chord * dl, zero)
+    up_r = torch.where(crossing, gl * dl - up_chord * dl, zero)
     return lo_p, up_p, zero, zero.clone(), lo_r, up_r
 
 
@@ -107,12 +104,13 @@ def _prefer_independent(gap, joint, activation, l, u, lp, up):
     b_lo_s, b_lo_c, b_up_s, b_up_c = activation.lines(lp, up)
     independent = (b_lo_s, b_up_s, b_lo_s - a_up_s, b_up_s - a_lo_s, b_lo_c - a_up_c, b_up_c - a_lo_c)
     use = activation.gap(l, u) + activation.gap(lp, up) < gap
-    return tuple(_where(use, i, j) for i, j in zip(independent, joint))
+    return tuple(torch.where(use, i, j) for i, j in zip(independent, joint))
 
 
 class ReLU(Activation):
     name = "relu"
     monotone = True
+    rounds = False  # exact in every format and on every quantisation grid
 
     def __call__(self, z):
         return torch.relu(z)
@@ -120,9 +118,9 @@ class ReLU(Activation):
     def lines(self, l, u):
         active, inactive = l >= 0, u <= 0
         unstable = ~(active | inactive)
-        upper = _where(unstable, u / (u - l).clamp_min(1e-300), active.to(l.dtype))
-        intercept = _where(unstable, -upper * l, torch.zeros_like(l))
-        lower = _where(unstable, (u > -l).to(l.dtype), active.to(l.dtype))
+        upper = torch.where(unstable, u / (u - l).clamp_min(1e-300), active.to(l.dtype))
+        intercept = torch.where(unstable, -upper * l, torch.zeros_like(l))
+        lower = torch.where(unstable, (u > -l).to(l.dtype), active.to(l.dtype))
         return lower, torch.zeros_like(l), upper, intercept
 
     def interval(self, l, u):
@@ -146,17 +144,17 @@ class ReLU(Activation):
                  ((l >= 0) & (up <= 0), 0.0, -1.0),  # a active, b inactive: E = -z
                  ((u <= 0) & (lp >= 0), 1.0, 1.0)]  # a inactive, b active: E = z + D
         for mask, p, q in exact:
-            lo_p, up_p = _where(mask, p, lo_p), _where(mask, p, up_p)
-            lo_q, up_q = _where(mask, q, lo_q), _where(mask, q, up_q)
-            lo_r, up_r = _where(mask, 0.0, lo_r), _where(mask, 0.0, up_r)
+            lo_p, up_p = torch.where(mask, p, lo_p), torch.where(mask, p, up_p)
+            lo_q, up_q = torch.where(mask, q, lo_q), torch.where(mask, q, up_q)
+            lo_r, up_r = torch.where(mask, 0.0, lo_r), torch.where(mask, 0.0, up_r)
         crossing = (dl < 0) & (du > 0)
-        gap = _where(crossing, -2 * dl * du / (du - dl).clamp_min(1e-300), torch.maximum(dl.abs(), du.abs()))
+        gap = torch.where(crossing, -2 * dl * du / (du - dl).clamp_min(1e-300), torch.maximum(dl.abs(), du.abs()))
         for mask, _, _ in exact:
-            gap = _where(mask, zero, gap)
+            gap = torch.where(mask, zero, gap)
         return _prefer_independent(gap, (lo_p, up_p, lo_q, up_q, lo_r, up_r), self, l, u, lp, up)
 
     def gap(self, l, u):  # the triangle's height: how far the upper line can be above relu
-        return _where((l < 0) & (u > 0), -l * u / (u - l).clamp_min(1e-300), torch.zeros_like(l))
+        return torch.where((l < 0) & (u > 0), -l * u / (u - l).clamp_min(1e-300), torch.zeros_like(l))
 
     def difference_interval(self, l, u, lp, up, dl, du):
         # E lies between min(D, 0) and max(D, 0) and in relu(z') - relu(z)
@@ -169,6 +167,7 @@ class Identity(Activation):
 
     name = "identity"
     monotone = True
+    rounds = False
 
     def __call__(self, z):
         return z
@@ -280,8 +279,8 @@ class Smooth(Activation):
         lo, hi = d.amin(-1) - self.curvature * step / 2, d.amax(-1) + self.curvature * step / 2
         for kink, (left, right) in zip(self.kinks, self.kink_slopes):
             inside = (l <= kink) & (u >= kink)
-            lo = _where(inside, torch.minimum(lo, min(left, right) - self.curvature * step / 2), lo)
-            hi = _where(inside, torch.maximum(hi, max(left, right) + self.curvature * step / 2), hi)
+            lo = torch.where(inside, torch.minimum(lo, min(left, right) - self.curvature * step / 2), lo)
+            hi = torch.where(inside, torch.maximum(hi, max(left, right) + self.curvature * step / 2), hi)
         return lo, hi
 
     def lines(self, l, u):
@@ -290,7 +289,7 @@ class Smooth(Activation):
         points, step = self._grid(l, u)
         values, sag = self.fn(points), self._sag(step)
         chord = (self.fn(u) - self.fn(l)) / (u - l).clamp_min(1e-300)
-        chord = _where(u > l, chord, self.derivative(l))
+        chord = torch.where(u > l, chord, self.derivative(l))
         candidates = torch.stack([chord, self.derivative(l), self.derivative(u), self.derivative((l + u) / 2)])
         g = values.unsqueeze(0) - candidates.unsqueeze(-1) * points.unsqueeze(0)  # [4, ..., G]
         low, high, mean = g.amin(-1) - sag, g.amax(-1) + sag, g.mean(-1)
@@ -393,9 +392,16 @@ class Nonlinearity:
     def difference_interval(self, l, u, lp, up, dl, du):
         return self._combine("difference_interval", l, u, lp, up, dl, du)
 
-    def spread(self):
-        """Whether neurons can be padded in: a uniform nonlinearity (one activation for all)."""
+    @property
+    def uniform(self):
+        """One activation for all neurons (so pruned neurons can be padded in)."""
         return all(mask is None for _, mask in self.parts)
+
+    def same_as(self, other):
+        """The same activation on every neuron."""
+        same_mask = lambda m, n: m is n if m is None or n is None else torch.equal(m, n)
+        return len(self.parts) == len(other.parts) and all(
+            a.name == b.name and same_mask(m, n) for (a, m), (b, n) in zip(self.parts, other.parts))
 
 
 RELU = Nonlinearity.of(RELU_FN)

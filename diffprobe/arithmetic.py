@@ -94,6 +94,18 @@ def dot_error(fmt, terms, abs_sum, magnitude, extra_roundings=0):
     return error + fmt.rounding_error(magnitude + error)
 
 
+FUNCTION_ULPS = 8  # accuracy assumed of elementwise functions (exp, tanh, erf, ...): PyTorch's kernels are within 1-4
+
+
+def function_error(fmt, magnitude):
+    """Bound on |computed - exact| for an elementwise function's result of at most `magnitude` in
+    `fmt`: accurate to FUNCTION_ULPS units in the last place of the accumulator format, then
+    rounded to `fmt`."""
+    acc = accumulator_of(fmt)
+    inner = 2 * FUNCTION_ULPS * acc.unit_roundoff * magnitude + acc.smallest_subnormal
+    return inner + fmt.rounding_error(magnitude + inner)
+
+
 def outward(lower, upper, scale):
     """Bounds computed in float64 rounded outward: by 2^-40 of `scale` (a bound on the magnitudes
     summed when computing them) plus 2^-40 of their own size. A bound is a sum of fewer than 2^13

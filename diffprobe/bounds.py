@@ -22,6 +22,7 @@ from .differential import ChainBounds, DifferentialBounds, matching_layers
 from .errors import UnsupportedOperationError
 from .graph import DifferenceGraph
 from .lirpa_compat import import_auto_lirpa, traced
+from .lowering import relu_only
 
 BOUND_OPTS = {
     "sparse_intermediate_bounds": False, "sparse_conv_intermediate_bounds": False,
@@ -125,7 +126,7 @@ class NoisyPair(nn.Module):
         self.input_shape = tuple(input_shape)
         n = math.prod(input_shape)
         layers = [chain_a.layers(), chain_b.layers()]
-        if None in layers or not all(l.activation is None or l.activation.is_relu for c in layers for l in c):
+        if None in layers or not all(map(relu_only, layers)):
             raise UnsupportedOperationError(["a chain that does not alternate affine layers and ReLUs"],
                                             what="bounding the deployed arithmetic")
         self.model_a, self.model_b = NoisyChain(layers[0], n), NoisyChain(layers[1], n)

@@ -278,8 +278,7 @@ def certify(model_a: nn.Module, model_b: nn.Module, region: Region, *,
     deployment, (region,), spec, problem, methods = prepare(model_a, model_b, [region], diff, method,
                                                             not time_budget, arithmetic, arithmetic_b, device)
     witness = search_pair(deployment.search_pair, diff, region, surrogate=deployment.search_surrogate,
-                          steps=search_steps,
-                          restarts=search_restarts, seed=seed, threshold=threshold)
+                          steps=search_steps, restarts=search_restarts, seed=seed, threshold=threshold)
     if witness.interrupted:  # nothing is certified yet: stop at once
         raise KeyboardInterrupt
     warn_masking(witness)
@@ -481,8 +480,7 @@ class BranchAndBound:
         cost on this problem so far, 2 s before the first: auto_LiRPA's overhead alone is about a
         second, so on digits with 0.5 s per point splitting decides more)."""
         if (self.engine is None or not self.engine.relu_chain or self.lo[0].numel() <= INPUT_SPLIT_MAX_DIMS
-                or len(self.scores) != 1
-                or "alpha-differential" in self.ran or self.scores[0] <= level):
+                or len(self.scores) != 1 or "alpha-differential" in self.ran or self.scores[0] <= level):
             return
         started = time.perf_counter()
         if deadline - started < (self.problem.alpha_seconds or 2.0):

@@ -46,6 +46,11 @@ def _arithmetics():
     return ARITHMETICS
 
 
+def _devices():
+    from .deployment import DEVICES
+    return DEVICES
+
+
 def _methods():
     from .certification import METHOD_NAMES
     return METHOD_NAMES
@@ -61,7 +66,7 @@ _CLI_TERMS = {"trust=True": "--trust", "force=True": "--force", "arch_kwargs=": 
 def _in_cli_terms(message):
     for api, flag in _CLI_TERMS.items():
         message = message.replace(api, flag)
-    return message.replace("  ", " ")
+    return message.replace("  ", " ").replace(" )", ")")
 
 
 def _friendly(fn):
@@ -161,7 +166,7 @@ def common_options(fn):
         click.option("--arithmetic-b", type=_RegistryChoice(_arithmetics),
                      help="MODEL_B's arithmetic when it differs from --arithmetic"),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+        click.option("--device", type=_RegistryChoice(_devices), default="cpu", show_default=True,
                      help="where the search runs the models (auto: CUDA when there is a GPU); bounds are "
                           "computed on the CPU in float64"),
         click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout"),

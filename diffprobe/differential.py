@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .lowering import relu_only
+
 
 def _matched_rows(big, small):
     """For each row of `small` ([n, d+1]: weights and bias), a distinct row of `big`: where a pruned
@@ -44,12 +46,12 @@ def aligned(layers_a, layers_b):
         if la.weight.shape[1] != lb.weight.shape[1] or (k == len(layers_a) - 1 and len(la.weight) != len(lb.weight)):
             return None
         small, big = (lb, la) if len(la.weight) > len(lb.weight) else (la, lb)
+        if not _same_activation(la, lb):
+            return None
         if len(small.weight) == len(big.weight):
-            if not same_activation(la.activation, lb.activation):
-                return None
             continue
-        if not (la.activation is not None and la.activation.spread() and same_activation(la.activation, lb.activation)):
-            return None  # only a uniform activation can be padded
+        if not la.activation.uniform:
+            return None  # only neurons of one activation for all can be padded in
         rows = _matched_rows(_rows_of(big), _rows_of(small))
         small.spread_rows(rows, len(big.weight))
         following = (layers_b if small is lb else layers_a)[k + 1]
@@ -57,14 +59,10 @@ def aligned(layers_a, layers_b):
     return layers_a, layers_b
 
 
-def same_activation(x, y):
-    """Whether two layers end in the same nonlinearity, neuron by neuron."""
-    if x is None or y is None:
-        return x is y
-    if len(x.parts) != len(y.parts):
-        return False
-    return all(a.name == b.name and (m is None and n is None or m is not None and n is not None and torch.equal(m, n))
-               for (a, m), (b, n) in zip(x.parts, y.parts))
+def _same_activation(la, lb):
+    """Whether two layers end in the same nonlinearity (the output layers in none)."""
+    x, y = la.activation, lb.activation
+    return x is y if x is None or y is None else x.same_as(y)
 
 
 def _rows_of(layer):
@@ -241,7 +239,7 @@ class DifferentialBounds:
     @property
     def relu_chain(self):
         """Whether both models are plain ReLU chains (what alpha-CROWN's bounds line up with)."""
-        return all(layer.activation.is_relu for chain in (self.a, self.b) for layer in chain.layers[:-1])
+        return relu_only(self.a.layers) and relu_only(self.b.layers)
 
     @property
     def first_weights(self):

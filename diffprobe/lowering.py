@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .activations import Activation, Nonlinearity, of_function, of_module
-from .arithmetic import FORMATS, accumulator_of, dot_error, format_of
-from .execution import input_dtype, run_native
+from .arithmetic import FORMATS, dot_error, format_of, function_error
+from .execution import input_dtype, is_quantized, run_native
 from .layers import Elementwise, Network, Reshape
 
 MAX_DENSE = 25_000_000  # entries of one lowered matrix (200 MB in float64)
@@ -223,29 +223,14 @@ def _activation(activation, ctx):
     """An activation step and, in a float format narrower than float64, the error of computing it
     there (ReLU is exact in every format and on every quantisation grid)."""
     steps = [Nonlinearity.of(activation)]
-    if activation.name != "relu" and not ctx.exact:
+    if activation.rounds and not ctx.exact:
         fmt = FORMATS.get(ctx.dtype)
         if fmt is None or ctx.scale is not None:
             raise Declined(f"{ctx.name} ({activation.name}) runs on quantised values, which diffprobe does not model")
         if fmt.bits < 53:
-            steps.append(Stage(ctx.name + " (rounding)", None, None, ctx.shape, input_error=function_error(fmt)))
+            error = lambda lo, hi: function_error(fmt, torch.maximum(lo.abs(), hi.abs()))
+            steps.append(Stage(ctx.name + " (rounding)", None, None, ctx.shape, input_error=error))
     return steps
-
-
-def function_error(fmt):
-    """`Stage.input_error` of an elementwise function's result in `fmt`: accurate to ULPS units in
-    the last place of the accumulator format before its final rounding, as PyTorch's CPU and CUDA
-    kernels are (1-4 ulp in their tests)."""
-    acc = accumulator_of(fmt)
-
-    def error(lo, hi):
-        magnitude = torch.maximum(lo.abs(), hi.abs())
-        inner = 2 * ULPS * acc.unit_roundoff * magnitude + acc.smallest_subnormal
-        return inner + fmt.rounding_error(magnitude + inner)
-    return error
-
-
-ULPS = 8
 
 
 def _activation_stage(module, ctx):
@@ -467,7 +452,6 @@ def lower(model, input_shape, exact=False):
 def _reproducing(chain, model):
     """`chain` if its exact function matches `model` run in float64 on random inputs (a graph
     lowered node by node could misread an operation on the batch dimension), else Declined."""
-    from .execution import is_quantized
     if is_quantized(model):
         return chain  # no float64 copy to compare with; `Chain.check` compares the deployed outputs
     gen = torch.Generator().manual_seed(0)
@@ -515,6 +499,12 @@ def _check_no_global_hooks():
     from torch.nn.modules import module as m
     if m._global_forward_hooks or m._global_forward_pre_hooks:
         raise Declined("global module forward hooks are registered; they may change what any module computes")
+
+
+def relu_only(layers):
+    """Whether every hidden layer ends in ReLU alone: the chains the MILP oracle, the composed graph
+    in deployed arithmetic and alpha-CROWN's per-ReLU bounds take."""
+    return all(layer.activation.is_relu for layer in layers[:-1])
 
 
 class Layer:

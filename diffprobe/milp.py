@@ -12,7 +12,7 @@ import numpy as np
 from . import quantized  # noqa: F401  (registers the quantised modules' stages with lowering)
 from .errors import DiffprobeError, UnsupportedOperationError
 from .graph import compose, fit_region
-from .lowering import Declined, lower
+from .lowering import Declined, lower, relu_only
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,7 @@ def exact_max(model_a, model_b, region, *, time_limit=60.0):
         chains = [lower(m, pair.input_shape, exact=True).layers() for m in (pair.model_a, pair.model_b)]
     except Declined as why:
         chains = [None, str(why)]
-    if any(c is not None and not isinstance(c, str) and not all(l.activation is None or l.activation.is_relu
-                                                                 for l in c) for c in chains):
+    if not any(c is None or isinstance(c, str) for c in chains) and not all(map(relu_only, chains)):
         chains = [None, "an activation other than ReLU"]
     if any(c is None or isinstance(c, str) for c in chains):
         raise UnsupportedOperationError([chains[1] if isinstance(chains[1], str) else "a model that is not an "

@@ -152,13 +152,11 @@ def stability_text(study):
 
 
 def layers_text(report):
-    by_name = {layer.name: layer for layer in report.layers}
     lines = [f"difference   {report.difference} over {report.regions} region(s); {report.samples} inputs sampled",
              f"all layers   {_fmt(report.bound)}  (certified, every matching layer's weights from model_b)",
              f"{'layer':<24}{'only this':>12}{'all but':>12}{'SQNR dB':>10}{'max |delta|':>13}"]
-    for name in report.ranking:
-        r = by_name[name]
-        lines.append(f"{name[:24]:<24}{_fmt(r.only):>12}{_fmt(r.all_but):>12}{_fmt(r.sqnr_db):>10}{_fmt(r.max_abs):>13}")
+    for r in report.ranked():
+        lines.append(f"{r.name[:24]:<24}{_fmt(r.only):>12}{_fmt(r.all_but):>12}{_fmt(r.sqnr_db):>10}{_fmt(r.max_abs):>13}")
     lines.append("only this: the certified bound when only this layer's weights are model_b's; all but: "
                  "when every other layer's are (both in model_a's arithmetic)")
     return "\n".join(lines + [f"seconds      {report.seconds:.1f}"] + [f"note         {n}" for n in report.notes])

@@ -558,11 +558,14 @@ class LayerReport(_Result):
     def _typed(cls, data):
         return {**data, "layers": [LayerDrift(**_layer_fields(layer)) for layer in data["layers"]]}
 
-    def _rows(self):
+    def ranked(self):
+        """The layers in `ranking` order."""
         by_name = {layer.name: layer for layer in self.layers}
-        return [(name, f"only {_g(by_name[name].only)}, all but {_g(by_name[name].all_but)}, "
-                       f"SQNR {_g(by_name[name].sqnr_db)} dB, max |delta| {_g(by_name[name].max_abs)}")
-                for name in self.ranking]
+        return [by_name[name] for name in self.ranking]
+
+    def _rows(self):
+        return [(r.name, f"only {_g(r.only)}, all but {_g(r.all_but)}, SQNR {_g(r.sqnr_db)} dB, "
+                         f"max |delta| {_g(r.max_abs)}") for r in self.ranked()]
 
     def plot(self, ax=None):
         """Per layer (in model order): the certified bound when only it differs, and the sampled

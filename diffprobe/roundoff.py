@@ -12,7 +12,7 @@ composed-graph methods; `margin` (each model's `err` at the outputs) widens that
 the models as they run. Looser than the lowered chains' error terms (intervals, not linear
 relaxations), but it covers any graph of the operations in `RULES`; anything else is declined.
 
-Elementwise functions (exp, tanh, erf, ...) are assumed accurate to `ULPS` units in the last place
+Elementwise functions (exp, tanh, erf, ...) are assumed accurate to `FUNCTION_ULPS` units in the last place
 in the accumulator format before their final rounding, as PyTorch's CPU and CUDA kernels are
 (1-4 ulp in their tests).
 """
@@ -23,11 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arithmetic import FORMATS, accumulator_of, dot_error, format_of
+from .arithmetic import FORMATS, accumulator_of, dot_error, format_of, function_error
 from .layers import Elementwise, Reshape
 from .lowering import Declined
-
-ULPS = 8
 
 
 @dataclass
@@ -68,10 +66,8 @@ class _Context:
         return dot_error(self.fmt, 0, magnitude, magnitude, operations - 1)
 
     def function(self, magnitude):
-        """Error of an elementwise function's result of this magnitude (ULPS in the accumulator,
-        then rounded to the model's format)."""
-        inner = 2 * ULPS * self.acc.unit_roundoff * magnitude + self.acc.smallest_subnormal
-        return inner + self.fmt.rounding_error(magnitude + inner)
+        """Error of an elementwise function's result of this magnitude (`arithmetic.function_error`)."""
+        return function_error(self.fmt, magnitude)
 
 
 def _affine(module, x, ctx, extra=0):
@@ -332,6 +328,14 @@ FUNCTION_RULES = {
 }
 
 
+def _holds_interval(obj):
+    """Whether an argument structure holds an `Interval` anywhere (torch.cat takes a list of them)."""
+    if isinstance(obj, Interval):
+        return True
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    return any(_holds_interval(v) for v in values)
+
+
 class _Interpreter(torch.fx.Interpreter):
     """Runs the fx graph on `Interval`s (tensor-valued constants pass through as tensors)."""
 
@@ -352,9 +356,7 @@ class _Interpreter(torch.fx.Interpreter):
         return rule(module, args[0], self.ctx)
 
     def call_function(self, target, args, kwargs):
-        found = []
-        torch.fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if isinstance(a, Interval) else None)
-        if not found:  # shape arithmetic, constants (a list of intervals, torch.cat's, counts)
+        if not _holds_interval((args, kwargs)):  # shape arithmetic, constants
             return super().call_function(target, args, kwargs)
         if target in (torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.unsqueeze,
                       torch.squeeze, operator.getitem):
