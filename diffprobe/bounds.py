@@ -49,6 +49,7 @@ class Problem:
     graph: object
     spec: torch.Tensor  # [rows, outputs] or [boxes, rows, outputs]; None: the outputs themselves
     deployment: object
+    kind: str = "elementwise"  # what is bounded: 'elementwise', 'probability' or 'stacked' (see DifferenceGraph)
     noisy: object = None  # the NoisyPair under the graph in deployed arithmetic
     margin: object = None  # a RoundingMargin widening the exact graph's bounds (deployed, not lowered)
     logits: object = None  # for probabilities: the elementwise problem of the same models
@@ -178,18 +179,19 @@ def build_problem(deployment, kind, spec=None):
     are not chains, widened by a `RoundingMargin`), or their lowered chains with error terms."""
     exact_graph = lambda: DifferenceGraph(deployment.surrogate, kind).double().eval()
     if deployment.exact:
-        return Problem(exact_graph(), spec, deployment)
+        return Problem(exact_graph(), spec, deployment, kind)
     lowered = deployment.native_bounds  # lowers both models (their notes say why not)
     why = "; ".join(deployment.notes) or "a model is not lowered"
     if lowered:
         try:
             noisy = NoisyPair(*deployment.chains, deployment.pair.input_shape)
-            return Problem(DifferenceGraph(noisy, kind).eval(), spec, deployment, noisy=noisy)
+            return Problem(DifferenceGraph(noisy, kind).eval(), spec, deployment, kind, noisy=noisy)
         except UnsupportedOperationError as exc:
             why = str(exc)
     if deployment.surrogate is None or any(map(is_quantized, deployment.models)):
-        return Problem(None, spec, deployment, why_unbounded=why)
-    return Problem(exact_graph(), spec, deployment, margin=RoundingMargin(deployment.pair, kind))
+        # no composed graph; the differential engine still bounds the lowered chains if both are
+        return Problem(None, spec, deployment, kind, why_unbounded=why)
+    return Problem(exact_graph(), spec, deployment, kind, margin=RoundingMargin(deployment.pair, kind))
 
 
 class _UnsupportedCollector(logging.Handler):
@@ -296,19 +298,18 @@ def differential_engine(problem):
     """The differential engine when the problem is an elementwise difference of two matching
     lowered chains, else None; built once per problem."""
     if problem.differential is None:
-        kind = problem.graph.kind if problem.graph is not None else None
-        layers = matching_layers(*problem.deployment.chains) if kind in DIFFERENTIAL_KINDS else None
+        layers = matching_layers(*problem.deployment.chains) if problem.kind in DIFFERENTIAL_KINDS else None
         problem.differential = DifferentialBounds(layers) if layers is not None else False
     return problem.differential or None
 
 
-DIFFERENTIAL_KINDS = ("elementwise", "stacked")
-ON_LOWERED_CHAINS = ("differential", "alpha-differential")  # their error terms cover the deployed arithmetic  # D itself, or spec rows over both models' outputs
+DIFFERENTIAL_KINDS = ("elementwise", "stacked")  # D itself, or spec rows over both models' outputs
+ON_LOWERED_CHAINS = ("differential", "alpha-differential")  # their error terms cover the deployed arithmetic
 
 
 def _engine_or_raise(problem):
-    if problem.graph is not None and problem.graph.kind not in DIFFERENTIAL_KINDS:
-        raise UnsupportedOperationError([problem.graph.kind], what="the differential method",
+    if problem.kind not in DIFFERENTIAL_KINDS:
+        raise UnsupportedOperationError([problem.kind], what="the differential method",
                                         hint="it bounds the elementwise difference and linear functions of both outputs")
     engine = differential_engine(problem)
     if engine is None:
@@ -333,7 +334,7 @@ def differential(problem, region, lo, hi):
 def _engine_specs(problem):
     """The engine's spec arguments: none for the difference itself; for rows C = [C_a | C_b] over
     both models' stacked outputs, C_b on the difference and C_a + C_b on model_a."""
-    if problem.graph is None or problem.graph.kind != "stacked":
+    if problem.kind != "stacked":
         return {}
     rows = torch.eye(problem.outputs) if problem.spec is None else problem.spec
     rows = rows.to(torch.float64)

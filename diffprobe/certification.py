@@ -228,9 +228,9 @@ def methods_for(method, problem, optimise):
     threshold can stop once a box is verified (alpha-differential always comes after the plain
     differential pass). None at all when the deployed arithmetic cannot be bounded."""
     if method == "auto":
-        if problem.graph is None:
-            return []
         engine = differential_engine(problem.logits or problem)
+        if problem.graph is None:  # no composed graph for the models as they run
+            return [] if engine is None else ["differential"]
         small = optimise and sum(p.numel() for p in problem.graph.pair.parameters()) <= 200_000
         if engine is None:
             return ["crown", "alpha-crown"] if small else ["crown"]
@@ -299,6 +299,9 @@ def unbounded_notes(problem, method, methods, spec):
     if not methods:
         return [f"no certified bound for the models as they run ({problem.why_unbounded}); the verdict "
                 "rests on the witness alone; arithmetic 'exact' bounds the stored weights in exact arithmetic"]
+    if method == "auto" and problem.graph is None:
+        return [f"bounded by the differential method alone: the composed graph cannot bound the models as "
+                f"they run ({problem.why_unbounded})"]
     if method == "auto" and spec.kind == "elementwise" and "differential" not in methods:
         return ["the two layer structures do not match (or are not affine/ReLU chains): bounded on the "
                 "composed graph, without the differential method"]
@@ -333,7 +336,7 @@ def prepare(model_a, model_b, regions, diff, method, optimise, arithmetic="nativ
     scale = float(torch.nan_to_num(torch.cat([a, b], 1).abs(), nan=_INF).max()) + 1.0
     for part in filter(None, (problem, problem.logits, problem.both)):
         part.outputs, part.scale = a.shape[1], scale
-    if method != "auto" and problem.graph is None:
+    if method not in ("auto", *ON_LOWERED_CHAINS) and problem.graph is None:
         problem.module  # raises the one-line reason
     return deployment, regions, spec, problem, methods_for(method, problem, optimise)
 

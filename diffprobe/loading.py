@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import pickle
+import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -193,10 +194,18 @@ def _read_torch(path, trust):
                 "source, or save model.state_dict() instead") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    folder = str(Path(path).resolve().parent)  # a pickled module's class is often defined in a file beside it
+    sys.path.insert(0, folder)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as exc:
+        raise CheckpointError(f"{path}: the pickle's classes live in module '{exc.name}', which cannot be "
+                              f"imported; put {exc.name}.py beside the checkpoint or on PYTHONPATH, or save "
+                              "model.state_dict() and pass arch=") from exc
     except Exception as exc:
         raise CheckpointError(f"{path}: loading the trusted pickle failed ({exc})") from exc
+    finally:
+        sys.path.remove(folder)
 
 
 def _state_dict_of(obj):
@@ -257,7 +266,6 @@ def resolve_callable(spec, option="arch"):
 
 
 def _module_at(path):
-    import sys
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file {path}")

@@ -10,6 +10,8 @@ from torch import nn
 from diffprobe import Box, certify
 from diffprobe.activations import IDENTITY, RELU_FN, SMOOTH, LeakyReLU, elu
 from diffprobe.deployment import deploy
+from diffprobe.differences import get_difference
+from diffprobe_examples.deployed import deployed_copy, native_max, torchao_available
 from diffprobe_examples.networks import noisy_copy
 from conftest import examples, mlp
 
@@ -111,3 +113,20 @@ def test_differential_bound_holds_for_each_activation(name, seed, depth, width, 
     assert d.abs().max().item() <= cert.bound * (1 + 1e-9) + 1e-12
     if noise == 0.0 and arithmetic == "exact":
         assert cert.bound < 1e-9  # identical models: the mean-value lines cancel exactly
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "tanh"])
+@settings(max_examples=examples(4), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), width=st.integers(4, 16), radius=st.floats(0.01, 0.5),
+       kind=st.sampled_from(["int8-dynamic"] + (["torchao-weight"] if torchao_available() else [])))
+def test_int8_copies_of_smooth_networks_are_bounded_soundly(name, seed, width, radius, kind):
+    """An int8 copy (torch.ao dynamic, torchao weight-only) of a network with a smooth activation:
+    no composed graph bounds it as it runs, the differential engine does; the deployed modules,
+    sampled and attacked, never exceed that bound."""
+    a = mlp([6, width, width, 3], seed, act=MODULES[name])
+    b = deployed_copy(a, kind)
+    centre = torch.rand(6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    region = Box(centre - radius, centre + radius)
+    cert = certify(a, b, region, search_steps=10, search_restarts=2)
+    assert cert.method == "auto(differential)" and cert.bound < float("inf")
+    assert native_max(a, b, region, get_difference("elementwise"), n=2000, steps=20, seed=seed) <= cert.bound * (1 + 1e-9)
